@@ -1,0 +1,22 @@
+# Two entry points (README): `make demo` and `make test`. Each sets up .venv on a fresh machine first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-cpu.txt pyproject.toml setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(PY) benchmarks/bench_attention.py
+
+test: setup
+	$(VENV)/bin/ruff check fastattn tests benchmarks
+	$(VENV)/bin/ruff format --check fastattn tests benchmarks
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,0 +1,195 @@
+"""Public attention entry points: the SDPA drop-in and the native API.
+
+Both check their arguments before any kernel runs, bring them to the canonical ``(Z, H, L, E)`` layout of
+``fastattn.ops.attention_function`` (views, no copies, masks never broadcast in memory) and dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import use_triton
+from .ops.attention_function import attention_forward, triton_refusal
+from .ops.attention_launch import MaskSpec
+
+_SDPA = "scaled_dot_product_attention"
+
+
+def _require_tensor(api: str, name: str, x, position: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        where = f" (position {position})" if position is not None else ""
+        raise TypeError(f"{api}(): argument '{name}'{where} must be Tensor, not {type(x).__name__}")
+
+
+def _check_qkv(api: str, exc: type[Exception], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Checks shared by both entry points; ``exc`` is the class torch raises for SDPA, ValueError natively."""
+    for pos, (name, x) in enumerate((("query", q), ("key", k), ("value", v)), start=1):
+        _require_tensor(api, name, x, pos)
+    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise exc(f"{api}: query, key and value must be at least 2-D (..., L, E); got {shapes}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise exc(f"{api}: query, key and value must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise exc(f"{api}: query, key and value must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not q.dtype.is_floating_point:
+        raise exc(f"{api}: query, key and value must be floating point; got {q.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise exc(f"{api}: query and key must have the same head dim (last dim); got {shapes}")
+    if k.shape[-2] != v.shape[-2]:
+        raise exc(f"{api}: key and value must have the same length (dim -2); got {shapes}")
+
+
+def _check_dropout(api: str, exc: type[Exception], dropout_p, upper_inclusive: bool) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real):
+        raise TypeError(f"{api}(): argument 'dropout_p' must be float, not {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0 or (upper_inclusive and p == 1.0)):
+        bound = "]" if upper_inclusive else ")"
+        raise exc(f"{api}: dropout_p must be in [0, 1{bound}, got {dropout_p}")
+    return p
+
+
+def _check_scale(api: str, scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"{api}(): argument 'scale' must be float, not {type(scale).__name__}")
+    return float(scale)
+
+
+def _check_mask(api: str, exc: type[Exception], name: str, mask, q: torch.Tensor, S: int, allow_bool: bool):
+    """A mask/bias must broadcast to the scores ``q.shape[:-1] + (S,)``; returns that expanded view."""
+    _require_tensor(api, name, mask)
+    if mask.device != q.device:
+        raise exc(f"{api}: {name} must be on the device of query ({q.device}), got {mask.device}")
+    ok_dtypes = "bool, float32 or the query dtype" if allow_bool else "float32 or the query dtype"
+    if not ((allow_bool and mask.dtype == torch.bool) or mask.dtype in (torch.float32, q.dtype)):
+        raise exc(f"{api}: {name} dtype must be {ok_dtypes} ({q.dtype}); got {mask.dtype}")
+    scores = (*q.shape[:-1], S)
+    if mask.dim() < 2:
+        # torch's SDPA indexes dim -2 of the mask and fails with IndexError; keep that class, say why.
+        raise IndexError(f"{api}: {name} must be at least 2-D (L, S), got shape {tuple(mask.shape)}")
+    try:
+        if torch.broadcast_shapes(mask.shape, scores) != torch.Size(scores):
+            raise RuntimeError
+    except RuntimeError:
+        raise exc(
+            f"{api}: {name} of shape {tuple(mask.shape)} does not broadcast to the attention scores "
+            f"(..., L, S) = {scores}"
+        ) from None
+    return mask.expand(scores)
+
+
+def _as_4d(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, L, E) -> (Z, H, L, E) as a view where strides allow; 2-D/3-D get unit batch/head dims."""
+    if x.dim() == 2:
+        return x[None, None]
+    if x.dim() == 3:
+        return x[None]
+    return x.reshape(-1, *x.shape[-3:])
+
+
+def _sdpa_exotic(q, k, v, attn_mask, dropout_p, enable_gqa) -> str | None:
+    """Inputs torch's SDPA accepts but the kernels do not take; they run through torch's own SDPA."""
+    if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
+        return "query, key and value have different batch dimensions (torch broadcasts them)"
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return "a tensor is empty"
+    if dropout_p == 1.0:
+        return "dropout_p == 1 drops every score"
+    if q.dim() >= 3 and k.shape[-3] != v.shape[-3]:
+        return "key and value have different head counts"
+    return None
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None, enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`, same signature and semantics.
+
+    Shapes: query ``(..., H, L, E)``, key ``(..., H_kv, S, E)``, value ``(..., H_kv, S, Ev)`` (the head dim may
+    be absent: ``(L, E)``); returns ``(..., H, L, Ev)``. ``attn_mask`` broadcastable to ``(..., H, L, S)``: bool
+    (True = takes part) or float (added to the scaled scores), never expanded in memory. ``is_causal`` is
+    top-left aligned as in torch (query i sees keys j <= i) and combines with a mask. ``enable_gqa`` lets
+    H be a multiple of H_kv. Fully masked rows give 0, as torch does. Errors are torch's classes.
+    """
+    _check_qkv(_SDPA, RuntimeError, query, key, value)
+    p = _check_dropout(_SDPA, RuntimeError, dropout_p, upper_inclusive=True)
+    scale_f = _check_scale(_SDPA, scale, query.shape[-1])
+    S = key.shape[-2]
+    mask = None if attn_mask is None else _check_mask(_SDPA, RuntimeError, "attn_mask", attn_mask, query, S, True)
+    exotic = _sdpa_exotic(query, key, value, attn_mask, p, enable_gqa)
+    if exotic is None and query.dim() >= 3:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if hq != hk and not enable_gqa:
+            raise RuntimeError(
+                f"{_SDPA}: query has {hq} heads and key/value {hk}; pass enable_gqa=True for grouped-query "
+                f"attention (query {tuple(query.shape)}, key {tuple(key.shape)})"
+            )
+        if hq % hk != 0:
+            raise RuntimeError(
+                f"{_SDPA}: number of heads in key and value ({hk}) must divide the number of heads in query ({hq})"
+            )
+    if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
+    bias4 = None if mask is None else mask.reshape(q4.shape[0], q4.shape[1], q4.shape[2], S)
+    spec = MaskSpec(offset=0, right=0) if is_causal else MaskSpec()
+    out, _ = attention_forward(_SDPA, q4, k4, v4, bias4, scale_f, spec, p)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _check_window(window, causal: bool) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, (0 if causal else None)
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise ValueError(f"attention: window must be a pair (left, right), got {window!r}")
+    for side, w in zip(("left", "right"), window):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ValueError(f"attention: window {side} must be a non-negative int or None, got {w!r}")
+    left, right = window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, bias: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None, dropout_p: float = 0.0, scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.
+
+    q ``(N, H, L, E)``, k ``(N, H_kv, S, E)``, v ``(N, H_kv, S, Ev)``, H a multiple of H_kv (GQA). ``causal``
+    is bottom-right aligned (query i sees keys j <= i + S - L, as a KV cache needs); ``window=(left, right)``
+    keeps keys ``i + S - L - left <= j <= i + S - L + right`` (None: no limit on that side). ``bias``: float,
+    broadcastable to ``(N, H, L, S)``, gets its gradient when it requires grad. Rows with no visible key give
+    0. Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
+    log-sum-exp of the scaled, biased scores (-inf on rows with no visible key). Bad input: ValueError.
+    """
+    api = "attention"
+    _check_qkv(api, ValueError, q, k, v)
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"{api}: q, k and v must be 4-D (N, H, L, E); got {shapes}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{api}: q, k and v must have the same batch size; got {shapes}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{api}: k and v need the same number of heads, dividing q's (GQA); got {shapes}")
+    if min(q.numel(), k.numel(), v.numel()) == 0:
+        raise ValueError(f"{api}: empty tensors are not accepted; got {shapes}")
+    p = _check_dropout(api, ValueError, dropout_p, upper_inclusive=False)
+    scale_f = _check_scale(api, scale, q.shape[-1])
+    left, right = _check_window(window, causal)
+    L, S = q.shape[2], k.shape[2]
+    bias4 = None if bias is None else _check_mask(api, ValueError, "bias", bias, q, S, allow_bool=False)
+    out, lse = attention_forward(api, q, k, v, bias4, scale_f, MaskSpec(offset=S - L, left=left, right=right), p)
+    return (out, lse) if return_lse else out

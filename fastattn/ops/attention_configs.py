@@ -1,0 +1,98 @@
+"""Tile configurations of the attention kernels, and the small autotuner that picks among them on a GPU.
+
+The candidates are sized for Hopper (sm_90): 128-row tiles so that each warpgroup issues m64 wgmma
+instructions, 8 warps (two warpgroups) for the forward, and the backward's transposed products keep the
+128-row side on the tile each program owns. Under ``TRITON_INTERPRET=1`` a single small config is used:
+the interpreter's cost grows with the tile count, and small tiles exercise more tile edges.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRETER_CONFIG = Config(32, 16, 4, 1)
+
+
+def fwd_configs(block_d: int) -> list[Config]:
+    """Forward candidates for a padded head dim ``block_d``; the first is the default when not tuning."""
+    if block_d <= 64:
+        return [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 4, 3), Config(64, 64, 4, 3)]
+    if block_d <= 128:
+        return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 2)]
+    return [Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2)]
+
+
+def dkdv_configs(block_d: int) -> list[Config]:
+    """dK/dV candidates: ``block_n`` keys owned by the program, ``block_m`` queries streamed."""
+    if block_d <= 64:
+        return [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 128, 4, 2), Config(32, 64, 4, 3)]
+    if block_d <= 128:
+        return [Config(64, 128, 8, 2), Config(32, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 2)]
+    return [Config(32, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 8, 1)]
+
+
+def dq_configs(block_d: int) -> list[Config]:
+    """dQ candidates: ``block_m`` queries owned by the program, ``block_n`` keys streamed."""
+    if block_d <= 64:
+        return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(128, 64, 4, 2), Config(64, 64, 4, 3)]
+    if block_d <= 128:
+        return [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 2)]
+    return [Config(64, 32, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 8, 1)]
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+
+def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
+    """The best of ``candidates`` for ``key``, timed once per key on the GPU (median of
+    ``triton.testing.do_bench``); configs that fail to compile or launch (shared memory) are skipped."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if key in _TUNED:
+        return _TUNED[key]
+    if not tuning_enabled() or len(candidates) == 1:
+        _TUNED[key] = candidates[0]
+        return candidates[0]
+    import triton.testing
+
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # out of shared memory / resources on this device: not a candidate here
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"fastattn: no attention config could run for {key}")
+    _TUNED[key] = best
+    return best
+
+
+def tuned_configs() -> dict[tuple, Config]:
+    """The configs chosen so far in this process (key -> config), for reports."""
+    return dict(_TUNED)

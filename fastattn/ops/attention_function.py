@@ -1,0 +1,62 @@
+"""The attention op as an autograd Function over the Triton launchers, and the backend dispatch.
+
+Canonical layout here: q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``, v ``(Z, H_kv, S, Ev)``, ``bias`` None or a
+``(Z, H, L, S)`` view (broadcast strides allowed), float or bool. The public functions in
+``fastattn.attention`` bring their arguments to this form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import use_triton
+from .attention_launch import MaskSpec, attention_bwd, attention_fwd
+from .attention_reference import attention_reference
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def triton_refusal(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None if they can."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"the kernels take float16, bfloat16 and float32, not {q.dtype}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not compiled (query {q.shape[-1]}, value {v.shape[-1]})"
+    return None
+
+
+def _dropout_seed() -> int:
+    # From torch's default CPU generator: reproducible under torch.manual_seed, and no device sync.
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+class TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float, mask: MaskSpec, dropout_p: float):
+        seed = _dropout_seed() if dropout_p > 0.0 else 0
+        out, lse = attention_fwd(q, k, v, bias, scale, mask, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed = scale, mask, dropout_p, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = attention_bwd(
+            dout, q, k, v, out, lse, bias, ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed, bias_grad=bias_grad
+        )
+        return dq, dk, dv, dbias, None, None, None
+
+
+def attention_forward(
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+    mask: MaskSpec, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` through the Triton kernels when the backend and the case allow, else through the
+    PyTorch reference (float32 compute for half inputs)."""
+    if use_triton(op, q.device, triton_refusal(q, v)):
+        return TritonAttention.apply(q, k, v, bias, scale, mask, dropout_p)
+    return attention_reference(q, k, v, bias, scale, mask, dropout_p)

@@ -1,0 +1,136 @@
+"""Triton kernel of the attention forward pass (FlashAttention-2: online softmax, O(L) memory).
+
+One program takes ``BLOCK_M`` queries of one (batch, head) and streams the visible key/value tiles through
+on-chip memory, keeping a running row max ``m`` and row sum ``l`` in the log2 domain (``exp2`` with
+``log2(e)`` folded into the scale). It writes the output and the natural-log log-sum-exp of each row,
+which is all the backward needs to recompute the probabilities.
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_tiles import LN2, LOG2E, _dropout_keep, _visible, _visible_ranges
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, b_base, start_n, end_n, offs_m, offs_dk, offs_dv,
+    skn, skd, svn, svd, sbm, sbn, L, S, qk_scale, offset, left, right, seed, philox_offset, bh, dropout_p,
+    HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    BIAS_MODE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    for n0 in range(start_n, end_n, BLOCK_N):
+        offs_n = tl.multiple_of(n0, BLOCK_N) + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < S
+        k_ptrs = k_base + offs_n[None, :] * skn + offs_dk[:, None] * skd
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_dk[:, None] < HEAD_DK), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DK, other=0.0)
+        s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
+        if BIAS_MODE != 0:
+            b_ptrs = b_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+            b_ok = (offs_m[:, None] < L) & kv_ok[None, :]
+            if BIAS_MODE == 1:
+                s += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32) * LOG2E
+            else:
+                s = tl.where(tl.load(b_ptrs, mask=b_ok, other=0) != 0, s, float("-inf"))
+        if MASKED:
+            ok = _visible(offs_m[:, None], offs_n[None, :], L, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked scores keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, B, O, LSE,
+    sqz, sqh, sqm, sqd,
+    skz, skh, skn, skd,
+    svz, svh, svn, svd,
+    sbz, sbh, sbm, sbn,
+    soz, soh, som, sod,
+    H, L, S, scale, offset, left, right, dropout_p, seed, philox_offset,
+    GROUP: tl.constexpr, HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_MODE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Grid ``(cdiv(L, BLOCK_M), Z * H)``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
+    B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
+    O is (Z, H, L, Ev); LSE is contiguous (Z, H, L) float32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    z = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    z64 = z.to(tl.int64)
+    q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
+    k_base = K + z64 * skz + hk.to(tl.int64) * skh
+    v_base = V + z64 * svz + hk.to(tl.int64) * svh
+    b_base = B + z64 * sbz + h.to(tl.int64) * sbh
+
+    q = tl.load(
+        q_base + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
+        mask=(offs_m[:, None] < L) & (offs_dk[None, :] < HEAD_DK), other=0.0,
+    )
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    lo, full_lo, full_hi, hi = _visible_ranges(
+        start_m, BLOCK_M, BLOCK_N, offset, left, right, S, HAS_LEFT, HAS_RIGHT
+    )
+    # Only the tiles that cross a mask edge pay for the element mask; the rest run unmasked.
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, b_base, lo, full_lo, offs_m, offs_dk, offs_dv,
+        skn, skd, svn, svd, sbm, sbn, L, S, qk_scale, offset, left, right, seed, philox_offset, bh, dropout_p,
+        HEAD_DK, HEAD_DV, BLOCK_N, True, BIAS_MODE, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT, INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, b_base, full_lo, full_hi, offs_m, offs_dk, offs_dv,
+        skn, skd, svn, svd, sbm, sbn, L, S, qk_scale, offset, left, right, seed, philox_offset, bh, dropout_p,
+        HEAD_DK, HEAD_DV, BLOCK_N, False, BIAS_MODE, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT, INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, b_base, full_hi, hi, offs_m, offs_dk, offs_dv,
+        skn, skd, svn, svd, sbm, sbn, L, S, qk_scale, offset, left, right, seed, philox_offset, bh, dropout_p,
+        HEAD_DK, HEAD_DV, BLOCK_N, True, BIAS_MODE, HAS_LEFT, HAS_RIGHT, HAS_DROPOUT, INPUT_PRECISION,
+    )
+
+    # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+    o_base = O + z64 * soz + h.to(tl.int64) * soh
+    tl.store(
+        o_base + offs_m[:, None] * som + offs_dv[None, :] * sod,
+        out.to(O.dtype.element_ty),
+        mask=(offs_m[:, None] < L) & (offs_dv[None, :] < HEAD_DV),
+    )

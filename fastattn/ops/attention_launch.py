@@ -1,0 +1,144 @@
+"""Launchers of the Triton attention kernels: allocate outputs, pick a config, set the grid.
+
+Inputs arrive canonical (see ``fastattn.ops.attention_function``): q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``,
+v ``(Z, H_kv, S, Ev)`` with any strides, and an optional ``bias`` already expanded (a view, broadcast strides
+of 0) to ``(Z, H, L, S)``, float (added to the scaled scores) or bool (True = take part).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .attention_bwd_kernel import (
+    _attention_bwd_dkdv_kernel,
+    _attention_bwd_dq_kernel,
+    _attention_bwd_preprocess_kernel,
+)
+from .attention_configs import dkdv_configs, dq_configs, fwd_configs, interpreting, pick
+from .attention_fwd_kernel import _attention_fwd_kernel
+
+if interpreting():
+    from ._interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Everything that decides which scores take part, besides the bias/mask tensor."""
+
+    offset: int = 0  # query i is aligned with key i + offset (S - L: bottom-right; 0: top-left)
+    left: int | None = None  # keys j >= i + offset - left take part; None: no limit
+    right: int | None = None  # keys j <= i + offset + right take part; None: no limit
+
+
+def _block_d(e: int) -> int:
+    # tl.dot needs K >= 16, and tiles are powers of two: head dim 80 runs in a 128-wide tile, masked.
+    return max(16, triton.next_power_of_2(e))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    """An output buffer; NaN-poisoned under FASTATTN_POISON=1 so tests catch elements never written."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("FASTATTN_POISON") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
+    if bias is None:
+        return q, (0, 0, 0, 0), 0
+    return bias, tuple(bias.stride()), 2 if bias.dtype == torch.bool else 1
+
+
+def _flags(mask: MaskSpec, dropout_p: float) -> dict:
+    return dict(HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HAS_DROPOUT=dropout_p > 0.0)
+
+
+def _tune_key(kind, q, k, v, bias_mode, flags) -> tuple:
+    bucket = (triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]))
+    return (kind, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], bias_mode, *flags.values(), *bucket)
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, mask: MaskSpec,
+    dropout_p: float = 0.0, seed: int = 0, philox_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log)."""
+    Z, H, L, E = q.shape
+    S, EV = k.shape[2], v.shape[-1]
+    out = _new((Z, H, L, EV), q.dtype, q.device)
+    lse = _new((Z, H, L), torch.float32, q.device)
+    b, sb, bias_mode = _bias_args(bias, q)
+    flags = _flags(mask, dropout_p)
+
+    def launch(cfg):
+        grid = (triton.cdiv(L, cfg.block_m), Z * H)
+        _attention_fwd_kernel[grid](
+            q, k, v, b, out, lse, *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
+            H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset,
+            GROUP=H // k.shape[1], HEAD_DK=E, HEAD_DV=EV, BLOCK_DK=_block_d(E), BLOCK_DV=_block_d(EV),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_MODE=bias_mode, INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        )
+
+    cfg = pick(_tune_key("fwd", q, k, v, bias_mode, flags), fwd_configs(_block_d(max(E, EV))), launch, q.device)
+    launch(cfg)
+    return out, lse
+
+
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    bias: torch.Tensor | None, scale: float, mask: MaskSpec, dropout_p: float = 0.0, seed: int = 0,
+    philox_offset: int = 0, bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v) and, when ``bias_grad``, the score gradient
+    ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions)."""
+    Z, H, L, E = q.shape
+    HK, S, EV = k.shape[1], k.shape[2], v.shape[-1]
+    bd_k, bd_v = _block_d(E), _block_d(EV)
+    delta = _new((Z, H, L), torch.float32, q.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=EV, BLOCK_M=64, BLOCK_DV=bd_v,
+    )
+    dq = _new(q.shape, q.dtype, q.device)
+    dk = _new(k.shape, k.dtype, k.device)
+    dv = _new(v.shape, v.dtype, v.device)
+    # dS is written only on visible tiles; the skipped ones must read as 0.
+    db = torch.zeros((Z, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else q
+    b, sb, bias_mode = _bias_args(bias, q)
+    flags = _flags(mask, dropout_p)
+    common = dict(
+        GROUP=H // HK, HEAD_DK=E, HEAD_DV=EV, BLOCK_DK=bd_k, BLOCK_DV=bd_v, BIAS_MODE=bias_mode,
+        INPUT_PRECISION=_input_precision(q.dtype), **flags,
+    )
+    runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
+
+    def launch_dkdv(cfg):
+        _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
+            q, k, v, b, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *do.stride(),
+            *dk.stride(), *dv.stride(), *runtime, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+
+    def launch_dq(cfg):
+        _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
+            q, k, v, b, do, lse, delta, dq, db, *q.stride(), *k.stride(), *v.stride(), *sb, *do.stride(),
+            *dq.stride(), *runtime, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_GRAD=bias_grad,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        )
+
+    bd = max(bd_k, bd_v)
+    launch_dkdv(pick(_tune_key("dkdv", q, k, v, bias_mode, flags), dkdv_configs(bd), launch_dkdv, q.device))
+    launch_dq(pick(_tune_key("dq", q, k, v, bias_mode, flags) + (bias_grad,), dq_configs(bd), launch_dq, q.device))
+    return dq, dk, dv, (db if bias_grad else None)

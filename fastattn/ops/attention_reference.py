@@ -1,0 +1,59 @@
+"""Plain PyTorch attention: the reference of the kernels (tests run it in float64) and the PyTorch path of
+``fastattn.attention`` (run in float32 for half inputs). It materializes the L x S scores, so it is for
+checking and for the CPU, not for speed."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention_launch import MaskSpec
+
+
+def visible_mask(L: int, S: int, mask: MaskSpec, device: torch.device) -> torch.Tensor | None:
+    """(L, S) bool, True where query i may see key j under ``mask``; None when every score takes part."""
+    if mask.left is None and mask.right is None:
+        return None
+    i = torch.arange(L, device=device)[:, None] + mask.offset
+    j = torch.arange(S, device=device)[None, :]
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if mask.left is not None:
+        ok &= j >= i - mask.left
+    if mask.right is not None:
+        ok &= j <= i + mask.right
+    return ok
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None,
+    mask: MaskSpec = MaskSpec(), dropout_p: float = 0.0, keep: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q kᵀ · scale + bias, masked) · v`` and its log-sum-exp.
+
+    q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``, v ``(Z, H_kv, S, Ev)``, H a multiple of H_kv (GQA); ``bias``
+    broadcastable to ``(Z, H, L, S)``, float (added) or bool (True = take part). Dropout draws from torch's
+    RNG unless ``keep`` (bool, broadcastable to the scores) gives the kept elements. Fully masked rows give
+    0 and lse = -inf. Returns ``out`` in q's dtype and ``lse`` float32 ``(Z, H, L)``; autograd flows.
+    """
+    cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if group > 1:
+        kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.to(cdt)
+    ok = visible_mask(q.shape[-2], k.shape[-2], mask, q.device)
+    if ok is not None:
+        s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # exp(-inf - (-inf)) is NaN on fully masked rows: shift those rows by 0 so they give exactly 0.
+    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - shift[..., None])
+    if dropout_p > 0.0:
+        if keep is None:
+            keep = torch.rand_like(p) >= dropout_p
+        p = p.masked_fill(~keep, 0.0) / (1.0 - dropout_p)
+    out = torch.matmul(p, vc)
+    return out.to(q.dtype), lse.float()

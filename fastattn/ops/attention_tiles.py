@@ -1,0 +1,74 @@
+"""Tile-level helpers shared by the attention forward and backward kernels.
+
+Visibility rule (one rule for causal, sliding window and SDPA's top-left causal): query ``i`` sees key
+``j`` iff ``i + offset - left <= j <= i + offset + right`` (a side without a limit is skipped), with
+``0 <= i < L`` and ``0 <= j < S``. ``offset`` is ``S - L`` for bottom-right alignment and 0 for top-left.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _visible_ranges(
+    start, BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr, offset, left, right, limit,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """For outer indices ``[start, start + BLOCK_OUTER)``, the inner tiles to visit, as three ranges.
+
+    Returns ``lo, full_lo, full_hi, hi``: tiles in ``[lo, full_lo)`` and ``[full_hi, hi)`` need the
+    element mask, tiles in ``[full_lo, full_hi)`` are visible to every outer index (no mask), and tiles
+    outside ``[lo, hi)`` are invisible to all of them and are never loaded (block skipping).
+    """
+    lower = 0
+    if HAS_LEFT:
+        lower = tl.maximum(start + offset - left, 0)
+    upper = limit
+    if HAS_RIGHT:
+        upper = tl.minimum(start + BLOCK_OUTER + offset + right, limit)
+    lo = (lower // BLOCK_INNER) * BLOCK_INNER
+    hi = tl.maximum(upper, lo)
+    hi_tiles = tl.cdiv(hi, BLOCK_INNER) * BLOCK_INNER
+
+    full_lo = lo
+    if HAS_LEFT:
+        first_all = tl.maximum(start + BLOCK_OUTER - 1 + offset - left, 0)
+        full_lo = tl.cdiv(first_all, BLOCK_INNER) * BLOCK_INNER
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_tiles)
+
+    cap = limit
+    if HAS_RIGHT:
+        cap = tl.minimum(start + offset + right + 1, limit)
+    full_hi = (tl.maximum(cap, 0) // BLOCK_INNER) * BLOCK_INNER
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_tiles)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(i, j, L, S, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Element mask of the visibility rule; ``i`` and ``j`` broadcast against each other."""
+    ok = (i < L) & (j < S)
+    if HAS_LEFT:
+        ok = ok & (j >= i + offset - left)
+    if HAS_RIGHT:
+        ok = ok & (j <= i + offset + right)
+    return ok
+
+
+@triton.jit
+def _dropout_keep(seed, philox_offset, bh, i, j, dropout_p):
+    """Keep-mask of dropout for scores (i, j) of head ``bh``: Philox counters (j, i, bh, offset).
+
+    Counting by coordinates (not a flat index) keeps every counter 32-bit at any size, and the forward and
+    both backward kernels draw the same bits for the same element whatever their tiling.
+    """
+    zero = (i * 0 + j * 0).to(tl.uint32)
+    c0 = (j + zero).to(tl.uint32)
+    c1 = (i + zero).to(tl.uint32)
+    c2 = zero + bh.to(tl.uint32)
+    c3 = zero + philox_offset.to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
