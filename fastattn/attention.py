@@ -33,9 +33,9 @@ def _check_qkv(api: str, exc: type[Exception], q: torch.Tensor, k: torch.Tensor,
     if min(q.dim(), k.dim(), v.dim()) < 2:
         raise exc(f"{api}: query, key and value must be at least 2-D (..., L, E); got {shapes}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise exc(f"{api}: query, key and value must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise exc(f"{api}: query, key and value must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype} ({shapes})")
     if not (q.device == k.device == v.device):
-        raise exc(f"{api}: query, key and value must be on one device; got {q.device}, {k.device}, {v.device}")
+        raise exc(f"{api}: query, key and value must be on one device; got {q.device}, {k.device}, {v.device} ({shapes})")
     if not q.dtype.is_floating_point:
         raise exc(f"{api}: query, key and value must be floating point; got {q.dtype}")
     if q.shape[-1] != k.shape[-1]:

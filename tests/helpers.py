@@ -25,8 +25,10 @@ def fp32_tol() -> float:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not torch.isnan(out).any(), "NaN in output (unwritten element or NaN produced)"
     out, ref = out.double().cpu(), ref.double().cpu()
-    den = ref.norm().item()
-    return (out - ref).norm().item() / (den if den > 0 else 1.0)
+    # A reference that is 0 up to rounding (dq when every row sees one key) makes the ratio meaningless;
+    # the floor (RMS 0.01) is far below the RMS of any result of O(1)-scaled inputs in these tests.
+    den = max(ref.norm().item(), 1e-2 * ref.numel() ** 0.5)
+    return (out - ref).norm().item() / den
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_out: torch.Tensor | None = None,
@@ -34,8 +36,11 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch
     """``out`` within the dtype's bound of ``ref`` (float64), and within 2x torch's error when given."""
     err = rel_err(out, ref)
     bound = fp32_tol() if dtype == torch.float32 else TOL[dtype]
-    if torch_out is not None and dtype != torch.float32:
-        bound = min(bound, 2 * rel_err(torch_out, ref) + LOW_PRECISION_FLOOR[dtype])
+    if torch_out is not None:
+        torch_err = 2 * rel_err(torch_out, ref) + LOW_PRECISION_FLOOR[dtype]
+        # Low precision must also be within 2x torch's error; fp32 may reach it where torch's own fp32 does
+        # no better than the table (cancellation, e.g. dq when each row sees a single key).
+        bound = max(bound, torch_err) if dtype == torch.float32 else min(bound, torch_err)
     assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e}"
 
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should check, in one go of under 8 minutes on one H200:
+# install, the whole test suite on CUDA, the benchmarks, and one Markdown results table.
+#   usage: benchmarks/device_check.sh OUT_DIR
+# Each step has its own time limit so that a hang in one still leaves the others' results.
+set -u
+out=${1:?usage: benchmarks/device_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+stamp "environment"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+stamp "install"
+$py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1 \
+  && echo "pip install -e . ok" || echo "pip install failed (see install.log); using PYTHONPATH"
+
+stamp "tests on CUDA"
+xdist=""
+$py -c "import xdist" 2>/dev/null && xdist="-n 8"
+FASTATTN_TEST_DEVICE=cuda FASTATTN_AUTOTUNE=0 timeout 270 $py -m pytest -q $xdist -p no:cacheprovider tests \
+  > "$out/tests.log" 2>&1
+echo "tests exit code $?" >> "$out/tests.log"
+tail -n 3 "$out/tests.log"
+
+stamp "benchmarks"
+timeout 240 $py benchmarks/bench_attention.py ${BENCH_ARGS:-} --out "$out" > "$out/bench.log" 2>&1
+echo "bench exit code $?" >> "$out/bench.log"
+
+stamp "results table"
+{
+  echo "# fastattn device check"
+  echo
+  echo '```'
+  cat "$out/env.txt"
+  echo '```'
+  echo
+  echo "## Tests on CUDA"
+  echo
+  echo '```'
+  grep -E "passed|failed|error|exit code" "$out/tests.log" | tail -n 15
+  echo '```'
+  echo
+  echo "## Attention (TFLOP/s, median of do_bench)"
+  echo
+  cat "$out/attention.md" 2>/dev/null || tail -n 20 "$out/bench.log"
+} > "$out/results.md"
+cat "$out/results.md"
+stamp "done"

@@ -1,0 +1,244 @@
+"""Ahead-of-time compile of the Triton attention kernels for a GPU architecture, with no GPU needed.
+
+``python -m fastattn.codegen --arch sm_90`` compiles the forward, the backward preprocess, dK/dV and dQ kernels
+for each head dim, dtype and tile config, and prints per kernel whether the PTX uses Hopper's ``wgmma``, the
+registers and spilled words per thread, and the dynamic shared memory per program. ``--json`` prints the same
+rows as a JSON list. The exit code is 1 if any compile failed (the rows that compiled are still printed).
+
+The kernels are specialised as the JIT specialises them for the common case: contiguous tensors (last-dim
+strides are the constant 1; pointers and the other integers are multiples of 16, i.e. sequence lengths and
+head counts that are), no bias, no window, no dropout, no GQA. ``[causal]`` rows add ``HAS_RIGHT`` (right=0).
+Registers and spills (the stack frame in 32-bit words per thread, as Triton's ``n_spills``) come from
+``cuobjdump --dump-resource-usage`` of the cubin: ``CompiledKernel.n_regs`` / ``n_spills`` are only filled in
+when the cubin is loaded on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .ops.attention_bwd_kernel import (
+    _attention_bwd_dkdv_kernel,
+    _attention_bwd_dq_kernel,
+    _attention_bwd_preprocess_kernel,
+)
+from .ops.attention_configs import Config, dkdv_configs, dq_configs, fwd_configs
+from .ops.attention_fwd_kernel import _attention_fwd_kernel
+
+KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes")
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# Most dynamic shared memory one program may opt into (227 KB on H100, 163 KB on A100); used for the notes only.
+SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+KERNELS = {
+    "attention_fwd": _attention_fwd_kernel,
+    "attention_bwd_preprocess": _attention_bwd_preprocess_kernel,
+    "attention_bwd_dkdv": _attention_bwd_dkdv_kernel,
+    "attention_bwd_dq": _attention_bwd_dq_kernel,
+}
+CONFIGS = {"attention_fwd": fwd_configs, "attention_bwd_dkdv": dkdv_configs, "attention_bwd_dq": dq_configs}
+# The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
+PREPROCESS_CONFIG = Config(64, 0, 4, 3)
+INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB"}  # B and DB are q itself without bias / dS
+FP32_PTRS = {"LSE", "DELTA"}
+UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd"}
+FLOATS = {"scale", "dropout_p"}
+DIVISIBLE = [["tt.divisibility", 16]]
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # as the launcher: tl.dot needs K >= 16
+
+
+def _capability(arch: str) -> int:
+    match = re.fullmatch(r"sm_?(\d+)a?", arch.strip().lower())
+    if not match:
+        raise ValueError(f"arch must look like sm_90 or sm_80, got {arch!r}")
+    return int(match.group(1))
+
+
+def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[str, object]:
+    if kernel == "attention_bwd_preprocess":
+        return dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim))
+    consts: dict[str, object] = dict(
+        GROUP=1, HEAD_DK=head_dim, HEAD_DV=head_dim, BLOCK_DK=_block_d(head_dim), BLOCK_DV=_block_d(head_dim),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_MODE=0, HAS_LEFT=False, HAS_RIGHT=causal,
+        HAS_DROPOUT=False, INPUT_PRECISION="tf32",
+    )
+    if kernel == "attention_bwd_dq":
+        consts["BIAS_GRAD"] = False
+    return consts
+
+
+def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -> ASTSource:
+    """The ASTSource the JIT would build for this launch (see ``JITFunction._pack_args``)."""
+    fn = KERNELS[kernel]
+    consts = _constexprs(kernel, head_dim, cfg, causal)
+    # The JIT turns an int argument equal to 1 into a constexpr: unit strides give vectorised accesses.
+    consts.update({name: 1 for name in fn.arg_names if name in UNIT_STRIDES})
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        if name in INPUT_PTRS:
+            signature[name] = f"*{dtype}"
+        elif name in FP32_PTRS:
+            signature[name] = "*fp32"
+        elif name in FLOATS:
+            signature[name] = "fp32"
+            continue  # floats get no divisibility attribute
+        else:  # strides, sizes, offset/left/right, seed and philox_offset (0 without dropout: an i32 to the JIT)
+            signature[name] = "i32"
+        attrs[(i,)] = DIVISIBLE
+    return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+
+
+def _resource_usage(cubin: bytes, name: str) -> tuple[int, int]:
+    """(registers, spilled 32-bit words) per thread from the cubin, as the driver reports them on a GPU."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], check=True, capture_output=True, text=True)
+    match = re.search(rf"Function {re.escape(name)}:\s*\n\s*REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out.stdout)
+    if not match:
+        raise RuntimeError(f"no resource usage for {name} in cuobjdump output:\n{out.stdout}")
+    # Triton's n_spills is CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4, the per-thread local memory. ptxas puts spills
+    # in the stack frame (STACK; LOCAL stays 0), and these kernels make no calls, so the frame is all spills.
+    regs, stack, local = (int(g) for g in match.groups())
+    return regs, (stack + local) // 4
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failed compile: the innermost cause (a CompilationError of a nested @jit function wraps the
+    callee's), its message rather than the source excerpt, and for ptxas the first and last lines of its log."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = getattr(e, "error_message", None) or str(e)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()] or [""]
+    return f"{type(e).__name__}: {' / '.join(dict.fromkeys([lines[0], lines[-1]]))}"[:240]
+
+
+def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
+    kernel, causal, head_dim, dtype, cfg, capability = job
+    label = f"M{cfg.block_m}-w{cfg.num_warps}-s{cfg.num_stages}" if cfg.block_n == 0 else str(cfg)  # preprocess
+    row: dict = dict(kernel=kernel + ("[causal]" if causal else ""), head_dim=head_dim, dtype=dtype, config=label)
+    try:
+        # On failure Triton prints the whole PTX to stdout, which would corrupt --json; the exception has the log.
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = triton.compile(
+                _source(kernel, head_dim, dtype, cfg, causal), target=GPUTarget("cuda", capability, 32),
+                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            )
+        registers, spills = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+        row.update(wgmma="wgmma" in compiled.asm["ptx"], registers=registers, spills=spills,
+                   shared_bytes=compiled.metadata.shared)
+    except Exception as e:  # one bad config must not hide the others' rows
+        row.update(wgmma=None, registers=None, spills=None, shared_bytes=None)
+        row["error"] = _reason(e)
+    return row
+
+
+def _jobs(capability: int, head_dims: tuple[int, ...], dtypes: tuple[str, ...], all_configs: bool,
+          causal: bool) -> list[tuple[str, bool, int, str, Config, int]]:
+    jobs = []
+    for head_dim in head_dims:
+        if not 1 <= head_dim <= 256:
+            raise ValueError(f"head dims 1..256 are compiled, not {head_dim}")
+        for dtype in dtypes:
+            for kernel in KERNELS:
+                if kernel not in CONFIGS:
+                    jobs.append((kernel, False, head_dim, dtype, PREPROCESS_CONFIG, capability))
+                    continue
+                configs = CONFIGS[kernel](_block_d(head_dim))[: None if all_configs else 1]
+                for variant in (False, True) if causal else (False,):
+                    jobs += [(kernel, variant, head_dim, dtype, cfg, capability) for cfg in configs]
+    return jobs
+
+
+def compile_rows(arch: str = "sm_90", head_dims: tuple[int, ...] = (64, 128), dtypes: tuple[str, ...] = ("bf16",),
+                 all_configs: bool = False, causal: bool = True, workers: int = 2) -> list[dict]:
+    """Compile every kernel (default config, or all candidates) and return one row per compile: the ``KEYS``,
+    plus ``error`` (and None values) for a compile that failed."""
+    capability = _capability(arch)
+    unknown = [d for d in dtypes if d.strip().lower() not in DTYPES]
+    if unknown:
+        raise ValueError(f"dtypes are bf16, fp16 and fp32, not {', '.join(unknown)}")
+    dtypes = tuple(DTYPES[d.strip().lower()] for d in dtypes)
+    jobs = _jobs(capability, tuple(head_dims), dtypes, all_configs, causal)
+    if workers <= 1 or len(jobs) == 1:
+        return [_compile_one(job) for job in jobs]
+    # Each compile is single-threaded (MLIR passes, then ptxas); spawn, as forking after torch's import is unsafe.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_one, jobs))
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [list(KEYS)] + [
+        ["-" if r[k] is None else str(r[k]) for k in KEYS] + ([f"error: {r['error']}"] if "error" in r else [])
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells if i < len(c)) for i in range(len(KEYS))]
+    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(line, widths + [0])).rstrip() for line in cells)
+
+
+def problems(rows: list[dict], arch: str) -> list[str]:
+    """Notes for rows that compiled but would not run well on ``arch``: spills, too much shared memory,
+    and (on sm_90+) a matmul kernel without wgmma."""
+    capability, notes = _capability(arch), []
+    limit = SHARED_LIMIT.get(capability)
+    for r in (r for r in rows if "error" not in r):
+        what = f"{r['kernel']} d={r['head_dim']} {r['dtype']} {r['config']}"
+        if r["spills"]:
+            notes.append(f"{what}: spills {r['spills']} words per thread")
+        if limit is not None and r["shared_bytes"] > limit:
+            notes.append(f"{what}: shared memory {r['shared_bytes']} > {limit} bytes")
+        if capability >= 90 and not r["wgmma"] and not r["kernel"].startswith("attention_bwd_preprocess"):
+            notes.append(f"{what}: no wgmma in the PTX")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastattn.codegen", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", help="target, e.g. sm_90 (Hopper) or sm_80 (Ampere)")
+    parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (1..256)")
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated, of bf16, fp16, fp32")
+    parser.add_argument("--all-configs", action="store_true", help="every candidate config, not only the default")
+    parser.add_argument("--no-causal", action="store_true", help="skip the [causal] variants")
+    parser.add_argument("--workers", type=int, default=2, help="compile processes")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    args = parser.parse_args(argv)
+    try:
+        rows = compile_rows(
+            args.arch, tuple(int(d) for d in args.head_dims.split(",")), tuple(args.dtypes.split(",")),
+            args.all_configs, not args.no_causal, args.workers,
+        )
+    except ValueError as e:  # bad --arch / --head-dims / --dtypes
+        parser.error(str(e))
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    failed = [r for r in rows if "error" in r]
+    for note in problems(rows, args.arch):  # stderr under --json, so that stdout stays one JSON document
+        print(f"note: {note}", file=sys.stderr if args.json else sys.stdout)
+    if failed:
+        print(f"fastattn.codegen: {len(failed)} of {len(rows)} compiles failed for {args.arch}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
