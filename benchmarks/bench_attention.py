@@ -72,47 +72,61 @@ def implementations() -> dict[str, Callable]:
     return impls
 
 
-def bench_cuda(head_dims, seqlens, dtype, modes, impl_names=None) -> list[dict]:
+def _time_one(fn, q, k, v, dout, causal: bool, with_backward: bool) -> tuple[float, float | None]:
+    """Median ms of the forward and of forward+backward (None when not asked)."""
     import triton.testing
 
+    ms_f = triton.testing.do_bench(lambda: fn(q, k, v, causal), return_mode="median")
+    if not with_backward:
+        return ms_f, None
+    ms_fb = triton.testing.do_bench(
+        lambda: fn(q, k, v, causal).backward(dout), grad_to_none=[q, k, v], return_mode="median"
+    )
+    return ms_f, ms_fb
+
+
+def _row(name, n, h, L, e, causal, dtype, modes, ms_f, ms_fb) -> dict:
+    row = dict(impl=name, head_dim=e, seqlen=L, batch=n, heads=h, causal=causal, dtype=str(dtype).split(".")[-1])
+    times = {"fwd": ms_f, "fwd+bwd": ms_fb, "bwd": None if ms_fb is None else ms_fb - ms_f}
+    for mode in modes:
+        if times[mode] is not None:
+            row[f"{mode}_ms"] = round(times[mode], 4)
+            row[f"{mode}_tflops"] = round(attention_flops(n, h, L, L, e, causal, mode) / times[mode] * 1e-9, 1)
+    return row
+
+
+def bench_cuda(head_dims, seqlens, dtype, modes, impl_names=None) -> list[dict]:
     rows = []
     impls = implementations()
     if impl_names:
-        impls = {k: v for k, v in impls.items() if k in impl_names}
+        impls = {name: fn for name, fn in impls.items() if name in impl_names}
+    with_backward = "bwd" in modes or "fwd+bwd" in modes
     for e in head_dims:
         for causal in (False, True):
             for L in seqlens:
                 n, h = max(1, 16384 // L), 2048 // e
                 gen = torch.Generator(device="cuda").manual_seed(L + e)
-                q, k, v = (
-                    torch.randn(n, h, L, e, device="cuda", dtype=dtype, generator=gen).requires_grad_()
-                    for _ in range(3)
-                )
-                dout = torch.randn(n, h, L, e, device="cuda", dtype=dtype, generator=gen)
+                q, k, v, dout = (torch.randn(n, h, L, e, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+                for x in (q, k, v):
+                    x.requires_grad_()
                 for name, fn in impls.items():
-                    row = dict(impl=name, head_dim=e, seqlen=L, batch=n, heads=h, causal=causal, dtype=str(dtype))
                     try:
-                        ms_f = triton.testing.do_bench(lambda: fn(q, k, v, causal), return_mode="median")
-                        ms_fb = None
-                        if "bwd" in modes or "fwd+bwd" in modes:
-                            ms_fb = triton.testing.do_bench(
-                                lambda: fn(q, k, v, causal).backward(dout), grad_to_none=[q, k, v],
-                                return_mode="median",
-                            )
+                        ms_f, ms_fb = _time_one(fn, q, k, v, dout, causal, with_backward)
                     except Exception as exc:  # a backend that refuses this case (cuDNN head dims, ...)
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
-                        rows.append(row)
-                        continue
-                    times = {"fwd": ms_f, "fwd+bwd": ms_fb, "bwd": None if ms_fb is None else ms_fb - ms_f}
-                    for mode in modes:
-                        if times[mode] is not None:
-                            flops = attention_flops(n, h, L, L, e, causal, mode)
-                            row[f"{mode}_ms"] = round(times[mode], 4)
-                            row[f"{mode}_tflops"] = round(flops / times[mode] * 1e-9, 1)
+                        row = dict(impl=name, head_dim=e, seqlen=L, causal=causal, error=f"{type(exc).__name__}")
+                    else:
+                        row = _row(name, n, h, L, e, causal, dtype, modes, ms_f, ms_fb)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-                del q, k, v, dout
     return rows
+
+
+def _cpu_ms(fn, reps: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def bench_cpu() -> list[dict]:
@@ -121,21 +135,23 @@ def bench_cpu() -> list[dict]:
     for L, e, causal in [(256, 64, False), (256, 64, True), (1024, 64, True)]:
         q, k, v = (torch.randn(2, 8, L, e) for _ in range(3))
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        for name, fn in (
-            ("fastattn", lambda: fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)),
-            ("torch-sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)),
-        ):
-            out = fn()
-            fn()
-            t0 = time.perf_counter()
-            reps = 5
-            for _ in range(reps):
-                fn()
-            ms = (time.perf_counter() - t0) / reps * 1e3
+        impls = {"fastattn": fastattn.scaled_dot_product_attention, "torch-sdpa": F.scaled_dot_product_attention}
+        for name, fn in impls.items():
+            out = fn(q, k, v, is_causal=causal)
+            ms = _cpu_ms(lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, is_causal=c))
             err = ((out - ref).norm() / ref.norm()).item()
             flops = attention_flops(2, 8, L, L, e, causal, "fwd")
-            rows.append(dict(impl=name, head_dim=e, seqlen=L, causal=causal, fwd_ms=round(ms, 3),
-                             fwd_gflops=round(flops / ms * 1e-6, 1), rel_err_vs_torch=f"{err:.1e}"))
+            rows.append(
+                dict(
+                    impl=name,
+                    head_dim=e,
+                    seqlen=L,
+                    causal=causal,
+                    fwd_ms=round(ms, 3),
+                    fwd_gflops=round(flops / ms * 1e-6, 1),
+                    rel_err_vs_torch=f"{err:.1e}",
+                )
+            )
     return rows
 
 
@@ -161,8 +177,11 @@ def main(argv=None) -> None:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         print(f"# attention, {torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}")
         rows = bench_cuda(
-            [int(x) for x in args.head_dims.split(",")], [int(x) for x in args.seqlens.split(",")], dtype,
-            args.modes.split(","), [x for x in args.impls.split(",") if x],
+            [int(x) for x in args.head_dims.split(",")],
+            [int(x) for x in args.seqlens.split(",")],
+            dtype,
+            args.modes.split(","),
+            [x for x in args.impls.split(",") if x],
         )
     else:
         print("# no GPU here: timing fastattn's CPU path (PyTorch) against torch's SDPA on the CPU")

@@ -46,7 +46,7 @@ stamp "results table"
   echo "## Tests on CUDA"
   echo
   echo '```'
-  grep -E "passed|failed|error|exit code" "$out/tests.log" | tail -n 15
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|exit code" "$out/tests.log" | tail -n 25
   echo '```'
   echo
   echo "## Attention (TFLOP/s, median of do_bench)"

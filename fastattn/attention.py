@@ -33,9 +33,13 @@ def _check_qkv(api: str, exc: type[Exception], q: torch.Tensor, k: torch.Tensor,
     if min(q.dim(), k.dim(), v.dim()) < 2:
         raise exc(f"{api}: query, key and value must be at least 2-D (..., L, E); got {shapes}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise exc(f"{api}: query, key and value must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype} ({shapes})")
+        raise exc(
+            f"{api}: query, key and value must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype} ({shapes})"
+        )
     if not (q.device == k.device == v.device):
-        raise exc(f"{api}: query, key and value must be on one device; got {q.device}, {k.device}, {v.device} ({shapes})")
+        raise exc(
+            f"{api}: query, key and value must be on one device; got {q.device}, {k.device}, {v.device} ({shapes})"
+        )
     if not q.dtype.is_floating_point:
         raise exc(f"{api}: query, key and value must be floating point; got {q.dtype}")
     if q.shape[-1] != k.shape[-1]:
@@ -108,8 +112,15 @@ def _sdpa_exotic(q, k, v, attn_mask, dropout_p, enable_gqa) -> str | None:
 
 
 def scaled_dot_product_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None, enable_gqa: bool = False,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`, same signature and semantics.
 
@@ -162,8 +173,15 @@ def _check_window(window, causal: bool) -> tuple[int | None, int | None]:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, bias: torch.Tensor | None = None,
-    window: tuple[int | None, int | None] | None = None, dropout_p: float = 0.0, scale: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.

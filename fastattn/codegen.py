@@ -74,9 +74,18 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
     if kernel == "attention_bwd_preprocess":
         return dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim))
     consts: dict[str, object] = dict(
-        GROUP=1, HEAD_DK=head_dim, HEAD_DV=head_dim, BLOCK_DK=_block_d(head_dim), BLOCK_DV=_block_d(head_dim),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_MODE=0, HAS_LEFT=False, HAS_RIGHT=causal,
-        HAS_DROPOUT=False, INPUT_PRECISION="tf32",
+        GROUP=1,
+        HEAD_DK=head_dim,
+        HEAD_DV=head_dim,
+        BLOCK_DK=_block_d(head_dim),
+        BLOCK_DV=_block_d(head_dim),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BIAS_MODE=0,
+        HAS_LEFT=False,
+        HAS_RIGHT=causal,
+        HAS_DROPOUT=False,
+        INPUT_PRECISION="tf32",
     )
     if kernel == "attention_bwd_dq":
         consts["BIAS_GRAD"] = False
@@ -142,20 +151,26 @@ def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
         # On failure Triton prints the whole PTX to stdout, which would corrupt --json; the exception has the log.
         with contextlib.redirect_stdout(io.StringIO()):
             compiled = triton.compile(
-                _source(kernel, head_dim, dtype, cfg, causal), target=GPUTarget("cuda", capability, 32),
+                _source(kernel, head_dim, dtype, cfg, causal),
+                target=GPUTarget("cuda", capability, 32),
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
             )
         registers, spills = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
-        row.update(wgmma="wgmma" in compiled.asm["ptx"], registers=registers, spills=spills,
-                   shared_bytes=compiled.metadata.shared)
+        row.update(
+            wgmma="wgmma" in compiled.asm["ptx"],
+            registers=registers,
+            spills=spills,
+            shared_bytes=compiled.metadata.shared,
+        )
     except Exception as e:  # one bad config must not hide the others' rows
         row.update(wgmma=None, registers=None, spills=None, shared_bytes=None)
         row["error"] = _reason(e)
     return row
 
 
-def _jobs(capability: int, head_dims: tuple[int, ...], dtypes: tuple[str, ...], all_configs: bool,
-          causal: bool) -> list[tuple[str, bool, int, str, Config, int]]:
+def _jobs(
+    capability: int, head_dims: tuple[int, ...], dtypes: tuple[str, ...], all_configs: bool, causal: bool
+) -> list[tuple[str, bool, int, str, Config, int]]:
     jobs = []
     for head_dim in head_dims:
         if not 1 <= head_dim <= 256:
@@ -165,14 +180,20 @@ def _jobs(capability: int, head_dims: tuple[int, ...], dtypes: tuple[str, ...], 
                 if kernel not in CONFIGS:
                     jobs.append((kernel, False, head_dim, dtype, PREPROCESS_CONFIG, capability))
                     continue
-                configs = CONFIGS[kernel](_block_d(head_dim))[: None if all_configs else 1]
+                configs = CONFIGS[kernel](_block_d(head_dim), 4 if dtype == "fp32" else 2)[: None if all_configs else 1]
                 for variant in (False, True) if causal else (False,):
                     jobs += [(kernel, variant, head_dim, dtype, cfg, capability) for cfg in configs]
     return jobs
 
 
-def compile_rows(arch: str = "sm_90", head_dims: tuple[int, ...] = (64, 128), dtypes: tuple[str, ...] = ("bf16",),
-                 all_configs: bool = False, causal: bool = True, workers: int = 2) -> list[dict]:
+def compile_rows(
+    arch: str = "sm_90",
+    head_dims: tuple[int, ...] = (64, 128),
+    dtypes: tuple[str, ...] = ("bf16",),
+    all_configs: bool = False,
+    causal: bool = True,
+    workers: int = 2,
+) -> list[dict]:
     """Compile every kernel (default config, or all candidates) and return one row per compile: the ``KEYS``,
     plus ``error`` (and None values) for a compile that failed."""
     capability = _capability(arch)
@@ -225,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = compile_rows(
-            args.arch, tuple(int(d) for d in args.head_dims.split(",")), tuple(args.dtypes.split(",")),
-            args.all_configs, not args.no_causal, args.workers,
+            args.arch,
+            tuple(int(d) for d in args.head_dims.split(",")),
+            tuple(args.dtypes.split(",")),
+            args.all_configs,
+            not args.no_causal,
+            args.workers,
         )
     except ValueError as e:  # bad --arch / --head-dims / --dtypes
         parser.error(str(e))

@@ -31,8 +31,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / den
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_out: torch.Tensor | None = None,
-                 what: str = "") -> None:
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, torch_out: torch.Tensor | None = None, what: str = ""
+) -> None:
     """``out`` within the dtype's bound of ``ref`` (float64), and within 2x torch's error when given."""
     err = rel_err(out, ref)
     bound = fp32_tol() if dtype == torch.float32 else TOL[dtype]

@@ -40,13 +40,14 @@ def _check_sdpa(q, k, v, mask=None, is_causal=False, enable_gqa=False, scale=Non
         tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
         ref_mask = ref_mask & tril if ref_mask.dtype == torch.bool else ref_mask.masked_fill(~tril, float("-inf"))
         ref_causal = False
-    ref = F.scaled_dot_product_attention(
-        *ref_in, ref_mask, is_causal=ref_causal, scale=scale, enable_gqa=enable_gqa
-    )
+    ref = F.scaled_dot_product_attention(*ref_in, ref_mask, is_causal=ref_causal, scale=scale, enable_gqa=enable_gqa)
     with torch.no_grad():
         torch_out = F.scaled_dot_product_attention(
-            *(x.detach().cpu() for x in (q, k, v)), None if ref_mask is None else ref_mask.to(q.dtype if
-            ref_mask.is_floating_point() else torch.bool), is_causal=ref_causal, scale=scale, enable_gqa=enable_gqa,
+            *(x.detach().cpu() for x in (q, k, v)),
+            None if ref_mask is None else ref_mask.to(q.dtype if ref_mask.is_floating_point() else torch.bool),
+            is_causal=ref_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
         )
     assert out.shape == ref.shape
     assert_close(out, ref, dtype, torch_out, "out")

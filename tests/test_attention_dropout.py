@@ -38,8 +38,9 @@ def test_forward_and_backward_use_the_same_mask():
     with fastattn.backend("triton"):
         out = fastattn.attention(q, k, v, dropout_p=P, causal=True)
     ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
-    ref, _ = attention_reference(*ref_in, scale=16**-0.5, mask=MaskSpec(offset=40 - 48, right=0), dropout_p=P,
-                                 keep=keep)
+    ref, _ = attention_reference(
+        *ref_in, scale=16**-0.5, mask=MaskSpec(offset=40 - 48, right=0), dropout_p=P, keep=keep
+    )
     assert_close(out, ref, torch.float32, None, "out")
     dout = torch.randn(ref.shape, dtype=torch.float64)
     got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, torch.float32))

@@ -17,9 +17,17 @@ def problems(draw):
     L, S = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     e = draw(st.sampled_from([8, 16, 24, 40, 64]))
     return dict(
-        n=n, hkv=hkv, h=hkv * group, L=L, S=S, e=e, ev=draw(st.sampled_from([e, 16])),
-        causal=draw(st.booleans()), mask=draw(st.sampled_from(["none", "bool", "float", "keypad"])),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), seed=draw(st.integers(0, 2**31 - 1)),
+        n=n,
+        hkv=hkv,
+        h=hkv * group,
+        L=L,
+        S=S,
+        e=e,
+        ev=draw(st.sampled_from([e, 16])),
+        causal=draw(st.booleans()),
+        mask=draw(st.sampled_from(["none", "bool", "float", "keypad"])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
@@ -41,7 +49,9 @@ def test_sdpa_property(p):
     leaves = [x.to(DEVICE, dt).requires_grad_() for x in (q, k, v)]
     with fastattn.backend("triton"):
         out = fastattn.scaled_dot_product_attention(
-            *leaves, None if mask is None else mask.to(DEVICE), is_causal=p["causal"] and mask is None,
+            *leaves,
+            None if mask is None else mask.to(DEVICE),
+            is_causal=p["causal"] and mask is None,
             enable_gqa=True,
         )
     ref_in = [x.to(dt).double().requires_grad_() for x in (q, k, v)]
@@ -51,8 +61,10 @@ def test_sdpa_property(p):
     ref = F.scaled_dot_product_attention(*ref_in, ref_mask, is_causal=p["causal"] and mask is None, enable_gqa=True)
     torch_in = [x.to(dt).requires_grad_() for x in (q, k, v)]
     torch_out = F.scaled_dot_product_attention(
-        *torch_in, None if mask is None else mask.to(dt) if mask.is_floating_point() else mask,
-        is_causal=p["causal"] and mask is None, enable_gqa=True,
+        *torch_in,
+        None if mask is None else mask.to(dt) if mask.is_floating_point() else mask,
+        is_causal=p["causal"] and mask is None,
+        enable_gqa=True,
     )
     assert_close(out, ref, dt, torch_out.detach(), f"out {p}")
     dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)

@@ -33,33 +33,50 @@ def interpreting() -> bool:
 INTERPRETER_CONFIG = Config(32, 16, 4, 1)
 
 
-def fwd_configs(block_d: int) -> list[Config]:
-    """Forward candidates for a padded head dim ``block_d``; the first is the default when not tuning.
-    Every candidate compiles for sm_90 with wgmma and no spills (``python -m fastattn.codegen --all-configs``)."""
-    if block_d <= 64:
+# Rows of fp32 weigh twice those of bf16/fp16 in shared memory and registers: the lists are chosen by the
+# row width in 16-bit units, so fp32 at head dim 128 takes the tiles of bf16 at 256.
+def _width(block_d: int, elem_size: int) -> int:
+    return block_d * elem_size // 2
+
+
+def fwd_configs(block_d: int, elem_size: int = 2) -> list[Config]:
+    """Forward candidates for a padded head dim ``block_d``; the first is the default when not tuning. For
+    bf16/fp16 at head dims 64 and 128 every candidate compiles for sm_90 with wgmma and no spills
+    (``python -m fastattn.codegen --all-configs``); the last one of each list is the small fallback taken
+    when a bias tile pushes the others past the shared-memory limit."""
+    w = _width(block_d, elem_size)
+    if w <= 64:
         return [Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(64, 64, 4, 3)]
-    if block_d <= 128:
+    if w <= 128:
         return [Config(128, 128, 8, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)]
-    return [Config(128, 64, 8, 2), Config(128, 32, 8, 2)]
+    if w <= 256:
+        return [Config(128, 64, 8, 2), Config(128, 32, 8, 2), Config(64, 32, 4, 1)]
+    return [Config(64, 32, 4, 2), Config(32, 32, 4, 1)]
 
 
-def dkdv_configs(block_d: int) -> list[Config]:
+def dkdv_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     """dK/dV candidates: ``block_n`` keys owned by the program, ``block_m`` queries streamed. The program
     holds two fp32 (block_n x head dim) accumulators, so the key tile shrinks as the head dim grows."""
-    if block_d <= 64:
+    w = _width(block_d, elem_size)
+    if w <= 64:
         return [Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(32, 64, 4, 3)]
-    if block_d <= 128:
+    if w <= 128:
         return [Config(32, 128, 8, 3), Config(64, 64, 8, 3), Config(32, 128, 8, 2), Config(32, 64, 4, 3)]
-    return [Config(16, 64, 8, 2)]
+    if w <= 256:
+        return [Config(16, 64, 8, 2), Config(16, 32, 4, 1)]
+    return [Config(16, 32, 4, 1)]
 
 
-def dq_configs(block_d: int) -> list[Config]:
+def dq_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     """dQ candidates: ``block_m`` queries owned by the program, ``block_n`` keys streamed."""
-    if block_d <= 64:
+    w = _width(block_d, elem_size)
+    if w <= 64:
         return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3)]
-    if block_d <= 128:
+    if w <= 128:
         return [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
-    return [Config(64, 64, 8, 2), Config(64, 32, 8, 2)]
+    if w <= 256:
+        return [Config(64, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)]
+    return [Config(64, 32, 4, 1), Config(32, 32, 4, 1)]
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -70,27 +87,36 @@ def tuning_enabled() -> bool:
 
 
 def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
-    """The best of ``candidates`` for ``key``, timed once per key on the GPU (median of
-    ``triton.testing.do_bench``); configs that fail to compile or launch (shared memory) are skipped."""
+    """The config to run for ``key``: on a GPU, the fastest of ``candidates`` (median of
+    ``triton.testing.do_bench``, once per key), or with FASTATTN_AUTOTUNE=0 the first that launches.
+    Candidates that need more shared memory than the device has (a bias tile on top) are skipped."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_CONFIG
     if key in _TUNED:
         return _TUNED[key]
+    from triton.runtime.errors import OutOfResources
+
     if not tuning_enabled() or len(candidates) == 1:
-        _TUNED[key] = candidates[0]
-        return candidates[0]
+        for cfg in candidates:
+            try:
+                launch(cfg)
+            except OutOfResources:
+                continue
+            _TUNED[key] = cfg
+            return cfg
+        raise RuntimeError(f"fastattn: no attention config fits the device for {key}")
     import triton.testing
 
     best, best_ms = None, float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:  # out of shared memory / resources on this device: not a candidate here
+            ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except OutOfResources:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
-        raise RuntimeError(f"fastattn: no attention config could run for {key}")
+        raise RuntimeError(f"fastattn: no attention config fits the device for {key}")
     _TUNED[key] = best
     return best
 

@@ -52,8 +52,14 @@ class TritonAttention(torch.autograd.Function):
 
 
 def attention_forward(
-    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-    mask: MaskSpec, dropout_p: float,
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    mask: MaskSpec,
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through the Triton kernels when the backend and the case allow, else through the
     PyTorch reference (float32 compute for half inputs)."""

@@ -22,9 +22,9 @@ from .attention_configs import dkdv_configs, dq_configs, fwd_configs, interpreti
 from .attention_fwd_kernel import _attention_fwd_kernel
 
 if interpreting():
-    from ._interpreter import patch_bf16_dot
+    from ._interpreter import patch_bf16
 
-    patch_bf16_dot()
+    patch_bf16()
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,15 @@ def _tune_key(kind, q, k, v, bias_mode, flags) -> tuple:
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, mask: MaskSpec,
-    dropout_p: float = 0.0, seed: int = 0, philox_offset: int = 0,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    mask: MaskSpec,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    philox_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log)."""
     Z, H, L, E = q.shape
@@ -85,22 +92,65 @@ def attention_fwd(
     def launch(cfg):
         grid = (triton.cdiv(L, cfg.block_m), Z * H)
         _attention_fwd_kernel[grid](
-            q, k, v, b, out, lse, *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
-            H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset,
-            GROUP=H // k.shape[1], HEAD_DK=E, HEAD_DV=EV, BLOCK_DK=_block_d(E), BLOCK_DV=_block_d(EV),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_MODE=bias_mode, INPUT_PRECISION=_input_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+            q,
+            k,
+            v,
+            b,
+            out,
+            lse,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *sb,
+            *out.stride(),
+            H,
+            L,
+            S,
+            scale,
+            mask.offset,
+            mask.left or 0,
+            mask.right or 0,
+            dropout_p,
+            seed,
+            philox_offset,
+            GROUP=H // k.shape[1],
+            HEAD_DK=E,
+            HEAD_DV=EV,
+            BLOCK_DK=_block_d(E),
+            BLOCK_DV=_block_d(EV),
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BIAS_MODE=bias_mode,
+            INPUT_PRECISION=_input_precision(q.dtype),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **flags,
         )
 
-    cfg = pick(_tune_key("fwd", q, k, v, bias_mode, flags), fwd_configs(_block_d(max(E, EV))), launch, q.device)
+    cfg = pick(
+        _tune_key("fwd", q, k, v, bias_mode, flags),
+        fwd_configs(_block_d(max(E, EV)), q.element_size()),
+        launch,
+        q.device,
+    )
     launch(cfg)
     return out, lse
 
 
 def attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    bias: torch.Tensor | None, scale: float, mask: MaskSpec, dropout_p: float = 0.0, seed: int = 0,
-    philox_offset: int = 0, bias_grad: bool = False,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    mask: MaskSpec,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    philox_offset: int = 0,
+    bias_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v) and, when ``bias_grad``, the score gradient
     ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions)."""
@@ -109,7 +159,16 @@ def attention_bwd(
     bd_k, bd_v = _block_d(E), _block_d(EV)
     delta = _new((Z, H, L), torch.float32, q.device)
     _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=EV, BLOCK_M=64, BLOCK_DV=bd_v,
+        out,
+        do,
+        delta,
+        *out.stride(),
+        *do.stride(),
+        H,
+        L,
+        HEAD_DV=EV,
+        BLOCK_M=64,
+        BLOCK_DV=bd_v,
     )
     dq = _new(q.shape, q.dtype, q.device)
     dk = _new(k.shape, k.dtype, k.device)
@@ -119,26 +178,79 @@ def attention_bwd(
     b, sb, bias_mode = _bias_args(bias, q)
     flags = _flags(mask, dropout_p)
     common = dict(
-        GROUP=H // HK, HEAD_DK=E, HEAD_DV=EV, BLOCK_DK=bd_k, BLOCK_DV=bd_v, BIAS_MODE=bias_mode,
-        INPUT_PRECISION=_input_precision(q.dtype), **flags,
+        GROUP=H // HK,
+        HEAD_DK=E,
+        HEAD_DV=EV,
+        BLOCK_DK=bd_k,
+        BLOCK_DV=bd_v,
+        BIAS_MODE=bias_mode,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        **flags,
     )
     runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
 
     def launch_dkdv(cfg):
         _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
-            q, k, v, b, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *do.stride(),
-            *dk.stride(), *dv.stride(), *runtime, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            q,
+            k,
+            v,
+            b,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *sb,
+            *do.stride(),
+            *dk.stride(),
+            *dv.stride(),
+            *runtime,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **common,
         )
 
     def launch_dq(cfg):
         _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
-            q, k, v, b, do, lse, delta, dq, db, *q.stride(), *k.stride(), *v.stride(), *sb, *do.stride(),
-            *dq.stride(), *runtime, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BIAS_GRAD=bias_grad,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+            q,
+            k,
+            v,
+            b,
+            do,
+            lse,
+            delta,
+            dq,
+            db,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *sb,
+            *do.stride(),
+            *dq.stride(),
+            *runtime,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BIAS_GRAD=bias_grad,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **common,
         )
 
     bd = max(bd_k, bd_v)
-    launch_dkdv(pick(_tune_key("dkdv", q, k, v, bias_mode, flags), dkdv_configs(bd), launch_dkdv, q.device))
-    launch_dq(pick(_tune_key("dq", q, k, v, bias_mode, flags) + (bias_grad,), dq_configs(bd), launch_dq, q.device))
+    launch_dkdv(
+        pick(_tune_key("dkdv", q, k, v, bias_mode, flags), dkdv_configs(bd, q.element_size()), launch_dkdv, q.device)
+    )
+    launch_dq(
+        pick(
+            _tune_key("dq", q, k, v, bias_mode, flags) + (bias_grad,),
+            dq_configs(bd, q.element_size()),
+            launch_dq,
+            q.device,
+        )
+    )
     return dq, dk, dv, (db if bias_grad else None)

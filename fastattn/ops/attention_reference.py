@@ -24,8 +24,14 @@ def visible_mask(L: int, S: int, mask: MaskSpec, device: torch.device) -> torch.
 
 
 def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None, scale: float | None = None,
-    mask: MaskSpec = MaskSpec(), dropout_p: float = 0.0, keep: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    mask: MaskSpec = MaskSpec(),
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q kᵀ · scale + bias, masked) · v`` and its log-sum-exp.

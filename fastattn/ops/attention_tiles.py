@@ -14,8 +14,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _visible_ranges(
-    start, BLOCK_OUTER: tl.constexpr, BLOCK_INNER: tl.constexpr, offset, left, right, limit,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    start,
+    BLOCK_OUTER: tl.constexpr,
+    BLOCK_INNER: tl.constexpr,
+    offset,
+    left,
+    right,
+    limit,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
 ):
     """For outer indices ``[start, start + BLOCK_OUTER)``, the inner tiles to visit, as three ranges.
 
