@@ -196,6 +196,8 @@ def compile_rows(
 ) -> list[dict]:
     """Compile every kernel (default config, or all candidates) and return one row per compile: the ``KEYS``,
     plus ``error`` (and None values) for a compile that failed."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("fastattn.codegen compiles real kernels: unset TRITON_INTERPRET (the CLI does that itself)")
     capability = _capability(arch)
     unknown = [d for d in dtypes if d.strip().lower() not in DTYPES]
     if unknown:
@@ -244,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="compile processes")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Kernels decorated under the interpreter cannot be compiled: start again without it.
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        cmd = [sys.executable, "-m", "fastattn.codegen", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
     try:
         rows = compile_rows(
             args.arch,

@@ -1,0 +1,55 @@
+"""The ahead-of-time sm_90 compile: attention forward and backward at head dims 64 and 128 in bf16 must use
+wgmma, spill nothing and fit Hopper's shared memory. Compiles with no GPU (ptxas ships with Triton); runs as
+a subprocess because the suite's kernels are decorated for the interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastattn.codegen import KEYS
+
+HOPPER_SHARED_LIMIT = 232448  # 227 KB of opt-in shared memory per block on sm_90
+
+
+@pytest.fixture(scope="module")
+def rows():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastattn.codegen", "--arch", "sm_90", "--head-dims", "64,128", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_rows_have_the_documented_keys(rows):
+    assert rows and all(tuple(row) == KEYS for row in rows), rows[:2]
+    kinds = {r["kernel"].split("[")[0] for r in rows}
+    assert kinds == {"attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq"}
+
+
+@pytest.mark.parametrize("kernel", ["attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"])
+def test_matmul_kernels_use_wgmma_without_spills(rows, kernel):
+    mine = [r for r in rows if r["kernel"].split("[")[0] == kernel]
+    assert {r["head_dim"] for r in mine} == {64, 128}
+    assert any(r["kernel"].endswith("[causal]") for r in mine)
+    for r in mine:
+        assert r["dtype"] == "bf16"
+        assert r["wgmma"] is True, r
+        assert r["spills"] == 0, r
+        assert 0 < r["registers"] <= 255, r
+        assert 0 < r["shared_bytes"] <= HOPPER_SHARED_LIMIT, r
+
+
+def test_compile_rows_refuses_under_the_interpreter(monkeypatch):
+    from fastattn.codegen import compile_rows
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        compile_rows()
