@@ -36,7 +36,15 @@ from .ops.attention_bwd_kernel import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
 )
-from .ops.attention_configs import Config, dkdv_configs, dq_configs, fwd_configs
+from .ops.attention_configs import (
+    Config,
+    dkdv_configs,
+    dq_configs,
+    fwd_configs,
+    tma_dkdv_configs,
+    tma_dq_configs,
+    tma_fwd_configs,
+)
 from .ops.attention_fwd_kernel import _attention_fwd_kernel
 
 KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes")
@@ -49,7 +57,14 @@ KERNELS = {
     "attention_bwd_dkdv": _attention_bwd_dkdv_kernel,
     "attention_bwd_dq": _attention_bwd_dq_kernel,
 }
-CONFIGS = {"attention_fwd": fwd_configs, "attention_bwd_dkdv": dkdv_configs, "attention_bwd_dq": dq_configs}
+# The launchers try the descriptor (TMA) configs first where the tensors allow, then the pointer ones.
+CONFIGS = {
+    "attention_fwd": lambda d, size: tma_fwd_configs(d, size) + fwd_configs(d, size),
+    "attention_bwd_dkdv": lambda d, size: tma_dkdv_configs(d, size) + dkdv_configs(d, size),
+    "attention_bwd_dq": lambda d, size: tma_dq_configs(d, size) + dq_configs(d, size),
+}
+# Which pointer arguments become tensor descriptors in a TMA config (the streamed operands).
+DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "attention_bwd_dq": ("K", "V")}
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
 PREPROCESS_CONFIG = Config(64, 0, 4, 3)
 INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB"}  # B and DB are q itself without bias / dS
@@ -89,6 +104,7 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
     )
     if kernel == "attention_bwd_dq":
         consts["BIAS_GRAD"] = False
+    consts["USE_TMA"] = cfg.tma
     return consts
 
 
@@ -104,7 +120,10 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
         if name in consts:
             signature[name] = "constexpr"
             continue
-        if name in INPUT_PTRS:
+        if cfg.tma and name in DESCRIPTORS.get(kernel, ()):
+            rows = cfg.block_m if kernel == "attention_bwd_dkdv" else cfg.block_n
+            signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {_block_d(head_dim)}]>"
+        elif name in INPUT_PTRS:
             signature[name] = f"*{dtype}"
         elif name in FP32_PTRS:
             signature[name] = "*fp32"
@@ -180,7 +199,9 @@ def _jobs(
                 if kernel not in CONFIGS:
                     jobs.append((kernel, False, head_dim, dtype, PREPROCESS_CONFIG, capability))
                     continue
-                configs = CONFIGS[kernel](_block_d(head_dim), 4 if dtype == "fp32" else 2)[: None if all_configs else 1]
+                configs = CONFIGS[kernel](_block_d(head_dim), 4 if dtype == "fp32" else 2)
+                if not all_configs:  # the default of each load path: pointers, and descriptors where offered
+                    configs = [c for i, c in enumerate(configs) if c.tma not in {p.tma for p in configs[:i]}]
                 for variant in (False, True) if causal else (False,):
                     jobs += [(kernel, variant, head_dim, dtype, cfg, capability) for cfg in configs]
     return jobs

@@ -236,3 +236,22 @@ def test_nan_propagates_on_triton_path():
     with fastattn.backend("triton"):
         out = fastattn.attention(q, k, v)
     assert torch.isnan(out[0, 0, :, 2]).all()
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_descriptor_and_pointer_loads(monkeypatch, tma):
+    """Both ways the kernels load tiles: tensor descriptors (16-bit, aligned; the copy engine on Hopper) and
+    pointers with masks. Head dim 80 and ragged lengths make the descriptors' zero fill do real work."""
+    import fastattn.ops.attention_launch as launch
+
+    made = []
+    real = launch._descriptor
+    monkeypatch.setattr(launch, "_descriptor", lambda t, rows: made.append(rows) or real(t, rows))
+    if not tma:
+        monkeypatch.setattr(launch, "_tma_ok", lambda *tensors: False)
+    if tma and DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90+")
+    q = randn(1, 2, 37, 80, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (randn(1, 2, 45, 80, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    _check_sdpa(q, k, v, is_causal=True)
+    assert bool(made) == tma

@@ -11,7 +11,7 @@ Three launches, no atomics, so gradients are bit-identical run to run:
 import triton
 import triton.language as tl
 
-from .attention_tiles import LOG2E, _dropout_keep, _visible, _visible_ranges
+from .attention_tiles import LOG2E, _dropout_keep, _load_rows, _visible, _visible_ranges
 
 
 @triton.jit
@@ -93,15 +93,16 @@ def _dkdv_tiles(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    z,
+    h,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = tl.multiple_of(m0, BLOCK_M) + tl.arange(0, BLOCK_M)
         q_ok = offs_m < L
-        q = tl.load(
-            q_base + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
-            mask=q_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
-            other=0.0,
-        )
+        q = _load_rows(q_base, z, h, m0, offs_m, offs_dk, sqm, sqd, L, HEAD_DK, BLOCK_M, BLOCK_DK, USE_TMA)
         lse2 = _lse_log2(tl.load(lse_base + offs_m, mask=q_ok, other=0.0))
         # Transposed scores (keys x queries), so that dV and dK come out of plain row-major products.
         s = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
@@ -116,11 +117,7 @@ def _dkdv_tiles(
             ok = _visible(offs_m[None, :], offs_n[:, None], L, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
         p = tl.math.exp2(s - lse2[None, :])
-        do = tl.load(
-            do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-            mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
-            other=0.0,
-        )
+        do = _load_rows(do_base, z, h, m0, offs_m, offs_dv, sdom, sdod, L, HEAD_DV, BLOCK_M, BLOCK_DV, USE_TMA)
         dp = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, philox_offset, bh, offs_m[None, :], offs_n[:, None], dropout_p)
@@ -196,6 +193,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """Grid ``(cdiv(S, BLOCK_N), Z * H // GROUP)``: dK, dV of one key tile of one key/value head."""
     pid_n = tl.program_id(0)
@@ -227,8 +225,12 @@ def _attention_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = z * H + h
-        q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
-        do_base = DO + z64 * sdoz + h.to(tl.int64) * sdoh
+        if USE_TMA:  # Q and DO are (Z, H, L, E) tensor descriptors, addressed by (z, h, m, 0)
+            q_base = Q
+            do_base = DO
+        else:
+            q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
+            do_base = DO + z64 * sdoz + h.to(tl.int64) * sdoh
         b_base = B + z64 * sbz + h.to(tl.int64) * sbh
         lse_base = LSE + bh.to(tl.int64) * L
         delta_base = DELTA + bh.to(tl.int64) * L
@@ -272,6 +274,11 @@ def _attention_bwd_dkdv_kernel(
             HAS_RIGHT,
             HAS_DROPOUT,
             INPUT_PRECISION,
+            z,
+            h,
+            BLOCK_DK,
+            BLOCK_DV,
+            USE_TMA,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -313,6 +320,11 @@ def _attention_bwd_dkdv_kernel(
             HAS_RIGHT,
             HAS_DROPOUT,
             INPUT_PRECISION,
+            z,
+            h,
+            BLOCK_DK,
+            BLOCK_DV,
+            USE_TMA,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -354,6 +366,11 @@ def _attention_bwd_dkdv_kernel(
             HAS_RIGHT,
             HAS_DROPOUT,
             INPUT_PRECISION,
+            z,
+            h,
+            BLOCK_DK,
+            BLOCK_DV,
+            USE_TMA,
         )
     dk *= scale
     tl.store(
@@ -411,20 +428,17 @@ def _dq_tiles(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    z,
+    hk,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         offs_n = tl.multiple_of(n0, BLOCK_N) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < S
-        k = tl.load(
-            k_base + offs_n[:, None] * skn + offs_dk[None, :] * skd,
-            mask=n_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-            mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
-            other=0.0,
-        )
+        k = _load_rows(k_base, z, hk, n0, offs_n, offs_dk, skn, skd, S, HEAD_DK, BLOCK_N, BLOCK_DK, USE_TMA)
+        v = _load_rows(v_base, z, hk, n0, offs_n, offs_dv, svn, svd, S, HEAD_DV, BLOCK_N, BLOCK_DV, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         tile_ok = (offs_m[:, None] < L) & n_ok[None, :]
         if BIAS_MODE != 0:
@@ -506,6 +520,7 @@ def _attention_bwd_dq_kernel(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``: dQ of one query tile; DB, when BIAS_GRAD, is a zeroed
     contiguous (Z, H, L, S) float32 buffer that receives dS on the visible tiles."""
@@ -532,8 +547,12 @@ def _attention_bwd_dq_kernel(
     )
     lse2 = _lse_log2(tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0))
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
-    k_base = K + z64 * skz + hk.to(tl.int64) * skh
-    v_base = V + z64 * svz + hk.to(tl.int64) * svh
+    if USE_TMA:  # K and V are (Z, H_kv, S, E) tensor descriptors, addressed by (z, hk, n, 0)
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + z64 * skz + hk.to(tl.int64) * skh
+        v_base = V + z64 * svz + hk.to(tl.int64) * svh
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
     db_base = DB + bh.to(tl.int64) * L * S
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
@@ -581,6 +600,11 @@ def _attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
     dq = _dq_tiles(
         dq,
@@ -624,6 +648,11 @@ def _attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
     dq = _dq_tiles(
         dq,
@@ -667,6 +696,11 @@ def _attention_bwd_dq_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
     dq *= scale
     tl.store(

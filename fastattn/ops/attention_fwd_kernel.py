@@ -13,6 +13,65 @@ from .attention_tiles import LN2, LOG2E, _dropout_keep, _visible, _visible_range
 
 
 @triton.jit
+def _load_kt(
+    k_base,
+    z,
+    hk,
+    n0,
+    offs_n,
+    offs_dk,
+    skn,
+    skd,
+    S,
+    HEAD_DK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Kᵀ tile (BLOCK_DK, BLOCK_N). With a tensor descriptor the copy engine zero-fills rows past S and
+    columns past the head dim, so no mask is computed."""
+    if USE_TMA:
+        k = k_base.load([z, hk, n0, 0]).reshape(BLOCK_N, BLOCK_DK).trans()
+    else:
+        k_ptrs = k_base + offs_n[None, :] * skn + offs_dk[:, None] * skd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n[None, :] < S) & (offs_dk[:, None] < HEAD_DK), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DK, other=0.0)
+    return k
+
+
+@triton.jit
+def _load_v(
+    v_base,
+    z,
+    hk,
+    n0,
+    offs_n,
+    offs_dv,
+    svn,
+    svd,
+    S,
+    HEAD_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """V tile (BLOCK_N, BLOCK_DV), as ``_load_kt``."""
+    if USE_TMA:
+        v = v_base.load([z, hk, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n[:, None] < S) & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+    return v
+
+
+@triton.jit
 def _fwd_tiles(
     acc,
     l_i,
@@ -51,16 +110,17 @@ def _fwd_tiles(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    z,
+    hk,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
-        offs_n = tl.multiple_of(n0, BLOCK_N) + tl.arange(0, BLOCK_N)
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < S
-        k_ptrs = k_base + offs_n[None, :] * skn + offs_dk[:, None] * skd
-        v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_dk[:, None] < HEAD_DK), other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=offs_dk[:, None] < HEAD_DK, other=0.0)
+        k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, skn, skd, S, HEAD_DK, BLOCK_N, BLOCK_DK, MASKED, USE_TMA)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
         if BIAS_MODE != 0:
             b_ptrs = b_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn
@@ -81,10 +141,7 @@ def _fwd_tiles(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
-        else:
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DV, other=0.0)
+        v = _load_v(v_base, z, hk, n0, offs_n, offs_dv, svn, svd, S, HEAD_DV, BLOCK_N, BLOCK_DV, MASKED, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -140,6 +197,7 @@ def _attention_fwd_kernel(
     HAS_RIGHT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
     B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
@@ -156,8 +214,12 @@ def _attention_fwd_kernel(
 
     z64 = z.to(tl.int64)
     q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
-    k_base = K + z64 * skz + hk.to(tl.int64) * skh
-    v_base = V + z64 * svz + hk.to(tl.int64) * svh
+    if USE_TMA:  # K and V are (Z, H_kv, S, E) tensor descriptors, addressed by (z, hk, n, 0)
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + z64 * skz + hk.to(tl.int64) * skh
+        v_base = V + z64 * svz + hk.to(tl.int64) * svh
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
 
     q = tl.load(
@@ -210,6 +272,11 @@ def _attention_fwd_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -249,6 +316,11 @@ def _attention_fwd_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -288,6 +360,11 @@ def _attention_fwd_kernel(
         HAS_RIGHT,
         HAS_DROPOUT,
         INPUT_PRECISION,
+        z,
+        hk,
+        BLOCK_DK,
+        BLOCK_DV,
+        USE_TMA,
     )
 
     # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.

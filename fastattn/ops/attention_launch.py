@@ -18,7 +18,16 @@ from .attention_bwd_kernel import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
 )
-from .attention_configs import dkdv_configs, dq_configs, fwd_configs, interpreting, pick
+from .attention_configs import (
+    dkdv_configs,
+    dq_configs,
+    fwd_configs,
+    interpreting,
+    pick,
+    tma_dkdv_configs,
+    tma_dq_configs,
+    tma_fwd_configs,
+)
 from .attention_fwd_kernel import _attention_fwd_kernel
 
 if interpreting():
@@ -39,6 +48,29 @@ class MaskSpec:
 def _block_d(e: int) -> int:
     # tl.dot needs K >= 16, and tiles are powers of two: head dim 80 runs in a 128-wide tile, masked.
     return max(16, triton.next_power_of_2(e))
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether K/V can go through tensor descriptors: a Hopper-class GPU (or the interpreter), 16-bit data,
+    unit last stride, 16-byte aligned base and strides (the copy engine's rules)."""
+    if not interpreting():
+        if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            return False
+    for t in tensors:
+        size = t.element_size()
+        if size != 2 or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        # Broadcast (stride-0) dims, as in the dO of out.sum().backward(), are not for the copy engine.
+        if any(st == 0 or st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """A (Z, H, N, E) descriptor whose loads give ``rows`` rows of one head, head dim padded to the tile."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, _block_d(t.shape[-1])])
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -89,12 +121,15 @@ def attention_fwd(
     b, sb, bias_mode = _bias_args(bias, q)
     flags = _flags(mask, dropout_p)
 
+    tma = _tma_ok(k, v)
+
     def launch(cfg):
         grid = (triton.cdiv(L, cfg.block_m), Z * H)
+        kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         _attention_fwd_kernel[grid](
             q,
-            k,
-            v,
+            kk,
+            vv,
             b,
             out,
             lse,
@@ -122,17 +157,15 @@ def attention_fwd(
             BLOCK_N=cfg.block_n,
             BIAS_MODE=bias_mode,
             INPUT_PRECISION=_input_precision(q.dtype),
+            USE_TMA=cfg.tma,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **flags,
         )
 
-    cfg = pick(
-        _tune_key("fwd", q, k, v, bias_mode, flags),
-        fwd_configs(_block_d(max(E, EV)), q.element_size()),
-        launch,
-        q.device,
-    )
+    bd, size = _block_d(max(E, EV)), q.element_size()
+    candidates = (tma_fwd_configs(bd, size) if tma else []) + fwd_configs(bd, size)
+    cfg = pick(_tune_key("fwd", q, k, v, bias_mode, flags) + (tma,), candidates, launch, q.device)
     launch(cfg)
     return out, lse
 
@@ -190,12 +223,13 @@ def attention_bwd(
     runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
 
     def launch_dkdv(cfg):
+        qq, dd = (_descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)) if cfg.tma else (q, do)
         _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
-            q,
+            qq,
             k,
             v,
             b,
-            do,
+            dd,
             lse,
             delta,
             dk,
@@ -210,16 +244,18 @@ def attention_bwd(
             *runtime,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
+            USE_TMA=cfg.tma,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **common,
         )
 
     def launch_dq(cfg):
+        kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
             q,
-            k,
-            v,
+            kk,
+            vv,
             b,
             do,
             lse,
@@ -236,21 +272,17 @@ def attention_bwd(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BIAS_GRAD=bias_grad,
+            USE_TMA=cfg.tma,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **common,
         )
 
-    bd = max(bd_k, bd_v)
-    launch_dkdv(
-        pick(_tune_key("dkdv", q, k, v, bias_mode, flags), dkdv_configs(bd, q.element_size()), launch_dkdv, q.device)
-    )
-    launch_dq(
-        pick(
-            _tune_key("dq", q, k, v, bias_mode, flags) + (bias_grad,),
-            dq_configs(bd, q.element_size()),
-            launch_dq,
-            q.device,
-        )
-    )
+    bd, size = max(bd_k, bd_v), q.element_size()
+    tma_qdo, tma_kv = _tma_ok(q, do), _tma_ok(k, v)
+    dkdv_candidates = (tma_dkdv_configs(bd, size) if tma_qdo else []) + dkdv_configs(bd, size)
+    dq_candidates = (tma_dq_configs(bd, size) if tma_kv else []) + dq_configs(bd, size)
+    key = _tune_key("bwd", q, k, v, bias_mode, flags)
+    launch_dkdv(pick(key + ("dkdv", tma_qdo), dkdv_candidates, launch_dkdv, q.device))
+    launch_dq(pick(key + ("dq", tma_kv, bias_grad), dq_candidates, launch_dq, q.device))
     return dq, dk, dv, (db if bias_grad else None)

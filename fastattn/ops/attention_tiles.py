@@ -79,3 +79,30 @@ def _dropout_keep(seed, philox_offset, bh, i, j, dropout_p):
     c3 = zero + philox_offset.to(tl.uint32)
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
     return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _load_rows(
+    base,
+    z,
+    h,
+    r0,
+    offs_r,
+    offs_d,
+    s_r,
+    s_d,
+    limit,
+    HEAD_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Rows ``r0 .. r0 + BLOCK_R`` of head (z, h) as a (BLOCK_R, BLOCK_D) tile: from a 4-D tensor descriptor
+    (the copy engine zero-fills rows past ``limit`` and columns past the head dim), or through ``base``
+    pointers (already offset to the head) with the same zero fill done by masks."""
+    if USE_TMA:
+        x = base.load([z, h, r0, 0]).reshape(BLOCK_R, BLOCK_D)
+    else:
+        ok = (offs_r[:, None] < limit) & (offs_d[None, :] < HEAD_D)
+        x = tl.load(base + offs_r[:, None] * s_r + offs_d[None, :] * s_d, mask=ok, other=0.0)
+    return x
