@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.ops.attention_configs import tuned_configs
 
 
 def attention_flops(n: int, h: int, l: int, s: int, e: int, causal: bool, mode: str) -> float:
@@ -110,12 +111,16 @@ def bench_cuda(head_dims, seqlens, dtype, modes, impl_names=None) -> list[dict]:
                 for x in (q, k, v):
                     x.requires_grad_()
                 for name, fn in impls.items():
+                    tuned_before = set(tuned_configs())
                     try:
                         ms_f, ms_fb = _time_one(fn, q, k, v, dout, causal, with_backward)
                     except Exception as exc:  # a backend that refuses this case (cuDNN head dims, ...)
                         row = dict(impl=name, head_dim=e, seqlen=L, causal=causal, error=f"{type(exc).__name__}")
                     else:
                         row = _row(name, n, h, L, e, causal, dtype, modes, ms_f, ms_fb)
+                    chosen = {key[0]: str(cfg) for key, cfg in tuned_configs().items() if key not in tuned_before}
+                    if chosen:  # the autotuner's picks for this shape (fwd, dkdv, dq)
+                        row["configs"] = " ".join(f"{kind}:{cfg}" for kind, cfg in chosen.items())
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -188,6 +193,7 @@ def main(argv=None) -> None:
         rows = bench_cpu()
     table = to_markdown(rows)
     print(table)
+
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention.md"), "w") as f:

@@ -282,7 +282,8 @@ def attention_bwd(
     tma_qdo, tma_kv = _tma_ok(q, do), _tma_ok(k, v)
     dkdv_candidates = (tma_dkdv_configs(bd, size) if tma_qdo else []) + dkdv_configs(bd, size)
     dq_candidates = (tma_dq_configs(bd, size) if tma_kv else []) + dq_configs(bd, size)
-    key = _tune_key("bwd", q, k, v, bias_mode, flags)
-    launch_dkdv(pick(key + ("dkdv", tma_qdo), dkdv_candidates, launch_dkdv, q.device))
-    launch_dq(pick(key + ("dq", tma_kv, bias_grad), dq_candidates, launch_dq, q.device))
+    launch_dkdv(pick(_tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo,), dkdv_candidates, launch_dkdv, q.device))
+    launch_dq(
+        pick(_tune_key("dq", q, k, v, bias_mode, flags) + (tma_kv, bias_grad), dq_candidates, launch_dq, q.device)
+    )
     return dq, dk, dv, (db if bias_grad else None)
