@@ -98,7 +98,7 @@ def _as_4d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-3:])
 
 
-def _sdpa_exotic(q, k, v, attn_mask, dropout_p, enable_gqa) -> str | None:
+def _sdpa_exotic(q, k, v, dropout_p) -> str | None:
     """Inputs torch's SDPA accepts but the kernels do not take; they run through torch's own SDPA."""
     if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
         return "query, key and value have different batch dimensions (torch broadcasts them)"
@@ -135,7 +135,7 @@ def scaled_dot_product_attention(
     scale_f = _check_scale(_SDPA, scale, query.shape[-1])
     S = key.shape[-2]
     mask = None if attn_mask is None else _check_mask(_SDPA, RuntimeError, "attn_mask", attn_mask, query, S, True)
-    exotic = _sdpa_exotic(query, key, value, attn_mask, p, enable_gqa)
+    exotic = _sdpa_exotic(query, key, value, p)
     if exotic is None and query.dim() >= 3:
         hq, hk = query.shape[-3], key.shape[-3]
         if hq != hk and not enable_gqa:

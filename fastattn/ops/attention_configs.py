@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .._backend import interpreting
+
 
 @dataclass(frozen=True)
 class Config:
@@ -25,10 +27,6 @@ class Config:
 
     def __str__(self) -> str:
         return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}{'-tma' if self.tma else ''}"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 INTERPRETER_CONFIG = Config(32, 16, 4, 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .._backend import interpreting
 from .attention_bwd_kernel import (
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
@@ -22,7 +23,6 @@ from .attention_configs import (
     dkdv_configs,
     dq_configs,
     fwd_configs,
-    interpreting,
     pick,
     tma_dkdv_configs,
     tma_dq_configs,
