@@ -2,11 +2,14 @@
 
 ``scaled_dot_product_attention`` is a drop-in for torch's; ``attention`` is the native entry with bottom-right
 causal alignment, sliding windows, a differentiable bias and the log-sum-exp. ``backend`` selects where ops
-run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``).
+run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``MultiheadAttention`` is a drop-in for
+``nn.MultiheadAttention``, and ``patch(model)`` swaps it into an existing model.
 """
 
 from ._backend import backend, current_backend
 from .attention import attention, scaled_dot_product_attention
+from .multihead_attention import MultiheadAttention
+from .patch import patch
 
-__all__ = ["attention", "backend", "current_backend", "scaled_dot_product_attention"]
+__all__ = ["MultiheadAttention", "attention", "backend", "current_backend", "patch", "scaled_dot_product_attention"]
 __version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""``fastattn.patch(model)``: put fastattn's modules into an existing model, in place."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from .multihead_attention import MultiheadAttention, route_through_module
+
+logger = logging.getLogger("fastattn")
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (also inside ``nn.Transformer`` and its encoder and
+    decoder layers) by ``fastattn.MultiheadAttention``, in place, and return ``model``.
+
+    The modules keep their parameters (the same tensors, so optimizers and weight tying still hold), buffers,
+    device, dtype, training mode and hooks: ``fastattn.MultiheadAttention`` is a subclass with no state of
+    its own, so each module only changes class. Each also gets a no-op forward pre-hook, which keeps
+    ``nn.TransformerEncoderLayer`` from its fused C++ path that would bypass the module. The qualified names
+    of the replaced modules are logged (logger ``"fastattn"``) and kept in ``model.fastattn_patched``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() expects an nn.Module, got {type(model).__name__}")
+    replaced = []
+    for name, module in model.named_modules():
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+            module.register_forward_pre_hook(route_through_module)
+            replaced.append(name or "<root>")
+    previous = getattr(model, "fastattn_patched", [])
+    model.fastattn_patched = previous + replaced
+    logger.info("fastattn.patch: replaced %d nn.MultiheadAttention: %s", len(replaced), ", ".join(replaced) or "-")
+    return model
