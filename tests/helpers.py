@@ -25,9 +25,11 @@ def fp32_tol() -> float:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not torch.isnan(out).any(), "NaN in output (unwritten element or NaN produced)"
     out, ref = out.double().cpu(), ref.double().cpu()
-    # A reference that is 0 up to rounding (dq when every row sees one key) makes the ratio meaningless;
-    # the floor (RMS 0.01) is far below the RMS of any result of O(1)-scaled inputs in these tests.
-    den = max(ref.norm().item(), 1e-2 * ref.numel() ** 0.5)
+    # A reference that is 0 up to rounding (dk when every row sees one key: the gradient cancels exactly in exact
+    # arithmetic and to ~1e-7 per element in fp32) makes the ratio meaningless. The floor, RMS 0.2, turns the
+    # bound into an absolute one there (fp32: 2e-6 RMS, about 16 ulp of 1.0); it is at or below the RMS of
+    # the results of the O(1)-scaled inputs in these tests.
+    den = max(ref.norm().item(), 0.2 * ref.numel() ** 0.5)
     return (out - ref).norm().item() / den
 
 
