@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 
 import torch.nn as nn
 
@@ -13,7 +15,8 @@ logger = logging.getLogger("fastattn")
 
 def patch(model: nn.Module) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (also inside ``nn.Transformer`` and its encoder and
-    decoder layers) by ``fastattn.MultiheadAttention``, in place, and return ``model``.
+    decoder layers) by ``fastattn.MultiheadAttention``, in place, and return ``model``. Hugging Face models
+    inside it (or ``model`` itself) are switched to ``attn_implementation="fastattn"``.
 
     The modules keep their parameters (the same tensors, so optimizers and weight tying still hold), buffers,
     device, dtype, training mode and hooks: ``fastattn.MultiheadAttention`` is a subclass with no state of
@@ -29,7 +32,31 @@ def patch(model: nn.Module) -> nn.Module:
             module.__class__ = MultiheadAttention
             module.register_forward_pre_hook(route_through_module)
             replaced.append(name or "<root>")
+    replaced += _patch_transformers(model)
     previous = getattr(model, "fastattn_patched", [])
     model.fastattn_patched = previous + replaced
     logger.info("fastattn.patch: replaced %d nn.MultiheadAttention: %s", len(replaced), ", ".join(replaced) or "-")
     return model
+
+
+def _patch_transformers(model: nn.Module) -> list[str]:
+    """Switch the outermost Hugging Face models in ``model`` to ``attn_implementation="fastattn"``; returns
+    ``"<name>:attn_implementation"`` for each. transformers is only touched if the caller imported it."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return []
+    from . import hf  # noqa: F401  (registers the "fastattn" implementation)
+
+    done: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, transformers.PreTrainedModel):
+            continue
+        if any(name == d or name.startswith(d + ".") for d in done if d):
+            continue  # set_attn_implementation on the outer model already reached it
+        try:
+            module.set_attn_implementation(hf.NAME)
+        except (ValueError, ImportError) as exc:  # a model without pluggable attention
+            warnings.warn(f"fastattn.patch: {name or type(module).__name__} keeps its attention: {exc}", stacklevel=3)
+            continue
+        done.append(name)
+    return [f"{name or '<root>'}:attn_implementation" for name in done]

@@ -98,3 +98,21 @@ def test_gradients_match_sdpa():
 def test_plain_import_does_not_import_transformers():
     code = "import sys, fastattn; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_patch_switches_a_hf_model(monkeypatch):
+    calls = []
+    real = fastattn.hf.scaled_dot_product_attention
+    monkeypatch.setattr(fastattn.hf, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, _ = _pair("llama-gqa")
+    model = copy.deepcopy(ref)
+    wrapper = torch.nn.ModuleDict({"lm": model})
+    assert fastattn.patch(wrapper) is wrapper
+    assert model.config._attn_implementation == "fastattn"
+    assert wrapper.fastattn_patched == ["lm:attn_implementation"]
+    ids, mask = _batch()
+    with torch.no_grad(), fastattn.backend("triton"):
+        got = _out(model, ids, mask)
+        want = _out(ref, ids, mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2
