@@ -73,6 +73,14 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, _block_d(t.shape[-1])])
 
 
+def _with_descriptors(tma: list, pointer: list) -> list:
+    """Candidates to try: where descriptors apply, those plus the default pointer config and the last
+    (smallest) one, the fallback for shared memory; each candidate costs a compile when a shape is tuned."""
+    if not tma:
+        return pointer
+    return tma + [pointer[0]] + ([pointer[-1]] if len(pointer) > 1 else [])
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -164,7 +172,7 @@ def attention_fwd(
         )
 
     bd, size = _block_d(max(E, EV)), q.element_size()
-    candidates = (tma_fwd_configs(bd, size) if tma else []) + fwd_configs(bd, size)
+    candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
     cfg = pick(_tune_key("fwd", q, k, v, bias_mode, flags) + (tma,), candidates, launch, q.device)
     launch(cfg)
     return out, lse
@@ -280,8 +288,8 @@ def attention_bwd(
 
     bd, size = max(bd_k, bd_v), q.element_size()
     tma_qdo, tma_kv = _tma_ok(q, do), _tma_ok(k, v)
-    dkdv_candidates = (tma_dkdv_configs(bd, size) if tma_qdo else []) + dkdv_configs(bd, size)
-    dq_candidates = (tma_dq_configs(bd, size) if tma_kv else []) + dq_configs(bd, size)
+    dkdv_candidates = _with_descriptors(tma_dkdv_configs(bd, size) if tma_qdo else [], dkdv_configs(bd, size))
+    dq_candidates = _with_descriptors(tma_dq_configs(bd, size) if tma_kv else [], dq_configs(bd, size))
     launch_dkdv(pick(_tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo,), dkdv_candidates, launch_dkdv, q.device))
     launch_dq(
         pick(_tune_key("dq", q, k, v, bias_mode, flags) + (tma_kv, bias_grad), dq_candidates, launch_dq, q.device)
