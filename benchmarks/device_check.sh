@@ -6,6 +6,7 @@
 set -u
 out=${1:?usage: benchmarks/device_check.sh OUT_DIR}
 mkdir -p "$out"
+tmp=$(mktemp -d)  # the device tool brings back at most 8 files: keep the small ones out of $out
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
@@ -16,11 +17,11 @@ stamp "environment"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
+} > "$tmp/env.txt" 2>&1
+cat "$tmp/env.txt"
 
 stamp "install"
-$py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1 \
+$py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$tmp/install.log" 2>&1 \
   && echo "pip install -e . ok" || echo "pip install failed (see install.log); using PYTHONPATH"
 
 stamp "tests on CUDA"
@@ -37,12 +38,16 @@ timeout ${BENCH_TIMEOUT:-240} $py benchmarks/bench_attention.py ${BENCH_ARGS:---
   > "$out/bench.log" 2>&1
 echo "bench exit code $?" >> "$out/bench.log"
 
+stamp "norm benchmarks"
+timeout ${NORM_BENCH_TIMEOUT:-60} $py benchmarks/bench_norms.py --out "$out" > "$out/bench_norms.log" 2>&1
+echo "norm bench exit code $?" >> "$out/bench_norms.log"
+
 stamp "results table"
 {
   echo "# fastattn device check"
   echo
   echo '```'
-  cat "$out/env.txt"
+  cat "$tmp/env.txt"
   echo '```'
   echo
   echo "## Tests on CUDA"
@@ -54,6 +59,10 @@ stamp "results table"
   echo "## Attention (TFLOP/s, median of do_bench)"
   echo
   cat "$out/attention.md" 2>/dev/null || tail -n 20 "$out/bench.log"
+  echo
+  echo "## Norms (GB/s of minimal bytes)"
+  echo
+  cat "$out/norms.md" 2>/dev/null || tail -n 20 "$out/bench_norms.log"
 } > "$out/results.md"
 cat "$out/results.md"
 stamp "done"

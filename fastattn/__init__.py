@@ -9,7 +9,21 @@ run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``Multih
 from ._backend import backend, current_backend
 from .attention import attention, scaled_dot_product_attention
 from .multihead_attention import MultiheadAttention
+from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patch import patch
 
-__all__ = ["MultiheadAttention", "attention", "backend", "current_backend", "patch", "scaled_dot_product_attention"]
+__all__ = [
+    "LayerNorm",
+    "MultiheadAttention",
+    "RMSNorm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "attention",
+    "backend",
+    "current_backend",
+    "layer_norm",
+    "patch",
+    "rms_norm",
+    "scaled_dot_product_attention",
+]
 __version__ = "0.1.0"

@@ -46,6 +46,9 @@ from .ops.attention_configs import (
     tma_fwd_configs,
 )
 from .ops.attention_fwd_kernel import _attention_fwd_kernel
+from .ops.norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
+from .ops.norm_launch import MAX_TILE
+from .ops.norm_launch import _warps as _norm_warps
 
 KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes")
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -63,6 +66,10 @@ CONFIGS = {
     "attention_bwd_dkdv": lambda d, size: tma_dkdv_configs(d, size) + dkdv_configs(d, size),
     "attention_bwd_dq": lambda d, size: tma_dq_configs(d, size) + dq_configs(d, size),
 }
+# Norm kernels: one row per hidden size ("head_dim" column), layer norm with weight and bias, no residual.
+NORM_KERNELS = {"layer_norm_fwd": _norm_fwd_kernel, "layer_norm_bwd": _norm_bwd_kernel}
+NORM_PTRS = {"X", "R", "W", "B", "Y", "S", "DY", "DS_OUT", "DX", "DR"}
+NORM_FP32_PTRS = {"MEAN", "RSTD", "DW", "DB"}
 # Which pointer arguments become tensor descriptors in a TMA config (the streamed operands).
 DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "attention_bwd_dq": ("K", "V")}
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
@@ -110,6 +117,8 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
 
 def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -> ASTSource:
     """The ASTSource the JIT would build for this launch (see ``JITFunction._pack_args``)."""
+    if kernel in NORM_KERNELS:
+        return _norm_source(kernel, head_dim, dtype, cfg)
     fn = KERNELS[kernel]
     consts = _constexprs(kernel, head_dim, cfg, causal)
     # The JIT turns an int argument equal to 1 into a constexpr: unit strides give vectorised accesses.
@@ -132,6 +141,34 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
             continue  # floats get no divisibility attribute
         else:  # strides, sizes, offset/left/right, seed and philox_offset (0 without dropout: an i32 to the JIT)
             signature[name] = "i32"
+        attrs[(i,)] = DIVISIBLE
+    return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+
+
+def _norm_source(kernel: str, hidden: int, dtype: str, cfg: Config) -> ASTSource:
+    """Norm kernels as the launcher runs them on contiguous rows (``cfg.block_m`` = tile, ``block_n`` = tiles)."""
+    fn = NORM_KERNELS[kernel]
+    consts = dict(IS_RMS=False, HAS_W=True, HAS_B=True, HAS_RES=False, HAS_DROPOUT=False, BLOCK=cfg.block_m,
+                  NUM_CHUNKS=cfg.block_n)  # fmt: skip
+    if kernel == "layer_norm_bwd":
+        consts["HAS_DS_OUT"] = False
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        if name in NORM_PTRS:
+            signature[name] = f"*{dtype}"
+        elif name in NORM_FP32_PTRS:
+            signature[name] = "*fp32"
+        elif name in ("eps", "dropout_p"):
+            signature[name] = "fp32"
+            continue
+        else:
+            signature[name] = "i32"
+            if name in ("M", "rows_per_program", "seed"):
+                continue  # row counts need not be multiples of 16
         attrs[(i,)] = DIVISIBLE
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
@@ -164,7 +201,12 @@ def _reason(e: BaseException) -> str:
 
 def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
     kernel, causal, head_dim, dtype, cfg, capability = job
-    label = f"M{cfg.block_m}-w{cfg.num_warps}-s{cfg.num_stages}" if cfg.block_n == 0 else str(cfg)  # preprocess
+    if kernel in NORM_KERNELS:
+        label = f"B{cfg.block_m}x{cfg.block_n}-w{cfg.num_warps}"
+    elif cfg.block_n == 0:  # preprocess
+        label = f"M{cfg.block_m}-w{cfg.num_warps}-s{cfg.num_stages}"
+    else:
+        label = str(cfg)
     row: dict = dict(kernel=kernel + ("[causal]" if causal else ""), head_dim=head_dim, dtype=dtype, config=label)
     try:
         # On failure Triton prints the whole PTX to stdout, which would corrupt --json; the exception has the log.
@@ -175,6 +217,8 @@ def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
             )
         registers, spills = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+        if kernel in NORM_KERNELS and "ld.global.v4" not in compiled.asm["ptx"]:
+            row["note"] = "no 16-byte vector loads in the PTX"
         row.update(
             wgmma="wgmma" in compiled.asm["ptx"],
             registers=registers,
@@ -188,9 +232,18 @@ def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
 
 
 def _jobs(
-    capability: int, head_dims: tuple[int, ...], dtypes: tuple[str, ...], all_configs: bool, causal: bool
+    capability: int,
+    head_dims: tuple[int, ...],
+    dtypes: tuple[str, ...],
+    all_configs: bool,
+    causal: bool,
+    norm_hidden: tuple[int, ...] = (),
 ) -> list[tuple[str, bool, int, str, Config, int]]:
     jobs = []
+    for hidden in norm_hidden:
+        block, chunks = min(triton.next_power_of_2(hidden), MAX_TILE), triton.cdiv(hidden, MAX_TILE)
+        cfg = Config(block, chunks, _norm_warps(block), 1)
+        jobs += [(k, False, hidden, dtype, cfg, capability) for dtype in dtypes for k in NORM_KERNELS]
     for head_dim in head_dims:
         if not 1 <= head_dim <= 256:
             raise ValueError(f"head dims 1..256 are compiled, not {head_dim}")
@@ -214,6 +267,7 @@ def compile_rows(
     all_configs: bool = False,
     causal: bool = True,
     workers: int = 2,
+    norm_hidden: tuple[int, ...] = (1024, 4096, 16384),
 ) -> list[dict]:
     """Compile every kernel (default config, or all candidates) and return one row per compile: the ``KEYS``,
     plus ``error`` (and None values) for a compile that failed."""
@@ -224,7 +278,7 @@ def compile_rows(
     if unknown:
         raise ValueError(f"dtypes are bf16, fp16 and fp32, not {', '.join(unknown)}")
     dtypes = tuple(DTYPES[d.strip().lower()] for d in dtypes)
-    jobs = _jobs(capability, tuple(head_dims), dtypes, all_configs, causal)
+    jobs = _jobs(capability, tuple(head_dims), dtypes, all_configs, causal, tuple(norm_hidden))
     if workers <= 1 or len(jobs) == 1:
         return [_compile_one(job) for job in jobs]
     # Each compile is single-threaded (MLIR passes, then ptxas); spawn, as forking after torch's import is unsafe.
@@ -252,8 +306,10 @@ def problems(rows: list[dict], arch: str) -> list[str]:
             notes.append(f"{what}: spills {r['spills']} words per thread")
         if limit is not None and r["shared_bytes"] > limit:
             notes.append(f"{what}: shared memory {r['shared_bytes']} > {limit} bytes")
-        if capability >= 90 and not r["wgmma"] and not r["kernel"].startswith("attention_bwd_preprocess"):
+        if capability >= 90 and not r["wgmma"] and r["kernel"].startswith(("attention_fwd", "attention_bwd_d")):
             notes.append(f"{what}: no wgmma in the PTX")
+        if "note" in r:
+            notes.append(f"{what}: {r['note']}")
     return notes
 
 
@@ -264,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="bf16", help="comma-separated, of bf16, fp16, fp32")
     parser.add_argument("--all-configs", action="store_true", help="every candidate config, not only the default")
     parser.add_argument("--no-causal", action="store_true", help="skip the [causal] variants")
+    parser.add_argument("--norm-hidden", default="1024,4096,16384", help="hidden sizes of the norm kernels ('' skips)")
     parser.add_argument("--workers", type=int, default=2, help="compile processes")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
@@ -280,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             args.all_configs,
             not args.no_causal,
             args.workers,
+            tuple(int(h) for h in args.norm_hidden.split(",") if h),
         )
     except ValueError as e:  # bad --arch / --head-dims / --dtypes
         parser.error(str(e))

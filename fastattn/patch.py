@@ -9,13 +9,18 @@ import warnings
 import torch.nn as nn
 
 from .multihead_attention import MultiheadAttention, route_through_module
+from .norms import LayerNorm, RMSNorm
+
+# torch module -> its fastattn subclass (no state of its own: a class swap keeps everything else).
+SWAPS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
 
 logger = logging.getLogger("fastattn")
 
 
 def patch(model: nn.Module) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (also inside ``nn.Transformer`` and its encoder and
-    decoder layers) by ``fastattn.MultiheadAttention``, in place, and return ``model``. Hugging Face models
+    decoder layers) by ``fastattn.MultiheadAttention``, and every ``nn.LayerNorm`` / ``nn.RMSNorm`` by
+    ``fastattn.LayerNorm`` / ``fastattn.RMSNorm``, in place, and return ``model``. Hugging Face models
     inside it (or ``model`` itself) are switched to ``attn_implementation="fastattn"``.
 
     The modules keep their parameters (the same tensors, so optimizers and weight tying still hold), buffers,
@@ -32,10 +37,13 @@ def patch(model: nn.Module) -> nn.Module:
             module.__class__ = MultiheadAttention
             module.register_forward_pre_hook(route_through_module)
             replaced.append(name or "<root>")
+        elif type(module) in SWAPS:
+            module.__class__ = SWAPS[type(module)]
+            replaced.append(name or "<root>")
     replaced += _patch_transformers(model)
     previous = getattr(model, "fastattn_patched", [])
     model.fastattn_patched = previous + replaced
-    logger.info("fastattn.patch: replaced %d nn.MultiheadAttention: %s", len(replaced), ", ".join(replaced) or "-")
+    logger.info("fastattn.patch: replaced %d modules: %s", len(replaced), ", ".join(replaced) or "-")
     return model
 
 

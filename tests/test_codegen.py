@@ -25,13 +25,28 @@ def rows():
         env={**os.environ, "TRITON_INTERPRET": "0"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    rows = json.loads(out.stdout)
+    rows_notes.extend(line for line in out.stderr.splitlines() if line.startswith("note:"))
+    return rows
+
+
+rows_notes: list[str] = []
 
 
 def test_rows_have_the_documented_keys(rows):
     assert rows and all(tuple(row) == KEYS for row in rows), rows[:2]
     kinds = {r["kernel"].split("[")[0] for r in rows}
-    assert kinds == {"attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq"}
+    assert kinds == {
+        "attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
+        "layer_norm_fwd", "layer_norm_bwd",
+    }  # fmt: skip
+
+
+def test_norm_kernels_vectorized_without_spills(rows):
+    mine = [r for r in rows if r["kernel"].startswith("layer_norm")]
+    assert {r["head_dim"] for r in mine} == {1024, 4096, 16384}
+    assert all(r["spills"] == 0 for r in mine), mine
+    assert not [n for n in rows_notes if "vector loads" in n], rows_notes
 
 
 @pytest.mark.parametrize("kernel", ["attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"])

@@ -54,7 +54,10 @@ def test_patch_replaces_every_mha_and_keeps_state():
     assert patched is model
     mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     assert len(mhas) == 6 and all(type(m) is fastattn.MultiheadAttention for m in mhas)
-    assert len(model.fastattn_patched) == 6 and "encoder.layers.0.self_attn" in model.fastattn_patched
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 12 and all(type(model.get_submodule(n)) is fastattn.LayerNorm for n in norms)
+    mha_names = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    assert sorted(model.fastattn_patched) == sorted(mha_names + norms)
     assert all(p is params_before[n] for n, p in model.named_parameters()), "parameters must be the same tensors"
     assert not model.training and all(not m.training for m in mhas)
 
@@ -102,7 +105,7 @@ def test_patch_keeps_dtype_and_is_idempotent():
     model = _transformer().to(torch.float64)
     fastattn.patch(model)
     fastattn.patch(model)
-    assert len(model.fastattn_patched) == 6
+    assert len(model.fastattn_patched) == 18  # 6 attention modules and 12 layer norms, each once
     assert all(p.dtype == torch.float64 for p in model.parameters())
 
 

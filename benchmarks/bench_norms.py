@@ -1,0 +1,100 @@
+"""Norm benchmark: fastattn's layer norm / RMSNorm against torch's ops and torch.compile of them.
+
+GB/s of the minimal bytes (inputs read once, outputs written once): forward reads x and writes y (weights
+are negligible); backward reads x, dy and writes dx. The median of ``triton.testing.do_bench``; 16k rows
+of each hidden size. Without a GPU it says so and times the CPU path against torch.
+
+    python benchmarks/bench_norms.py [--hidden 1024,...,16384] [--rows 16384] [--dtype bf16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_attention import to_markdown
+
+import fastattn
+
+
+def _impls(kind: str) -> dict:
+    if kind == "layer_norm":
+        ours = lambda x, w, b: fastattn.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+        ref = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+    else:
+        ours = lambda x, w, b: fastattn.rms_norm(x, x.shape[-1:], w)  # noqa: E731
+        ref = lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)  # noqa: E731
+    impls = {"fastattn": ours, "torch": ref}
+    if torch.cuda.is_available():
+        impls["torch.compile"] = torch.compile(ref)
+    return impls
+
+
+def _time(fn, *args, backward=None) -> float:
+    if torch.cuda.is_available():
+        import triton.testing
+
+        if backward is None:
+            return triton.testing.do_bench(lambda: fn(*args), return_mode="median")
+        out = fn(*args)
+        return triton.testing.do_bench(lambda: out.backward(backward, retain_graph=True), return_mode="median")
+    fn(*args)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        out = fn(*args)
+        if backward is not None:
+            out.backward(backward)
+    return (time.perf_counter() - t0) / 5 * 1e3
+
+
+def run(hidden_sizes, rows, dtype) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = []
+    for kind in ("layer_norm", "rms_norm"):
+        for n in hidden_sizes:
+            x = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(rows, n, device=device, dtype=dtype)
+            size = x.numel() * x.element_size()
+            for name, fn in _impls(kind).items():
+                with fastattn.backend("triton" if device == "cuda" else "auto"):
+                    ms_f = _time(fn, x, w, b)
+                    ms_b = _time(fn, x, w, b, backward=dy)
+                row = dict(op=kind, impl=name, hidden=n, rows=rows, dtype=str(dtype).split(".")[-1])
+                row.update(fwd_ms=round(ms_f, 4), fwd_gbps=round(2 * size / ms_f * 1e-6, 1))
+                row.update(bwd_ms=round(ms_b, 4), bwd_gbps=round(3 * size / ms_b * 1e-6, 1))
+                out.append(row)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--rows", type=int, default=16384)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    hidden = [int(h) for h in args.hidden.split(",")]
+    rows = args.rows
+    if not torch.cuda.is_available():
+        print("# no GPU here: timing the CPU path (PyTorch's ops) on a small problem")
+        hidden, rows, dtype = hidden[:2], 256, torch.float32
+    rows_out = run(hidden, rows, dtype)
+    table = to_markdown(rows_out)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "norms.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "norms.json"), "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
