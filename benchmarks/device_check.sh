@@ -39,8 +39,12 @@ timeout ${BENCH_TIMEOUT:-240} $py benchmarks/bench_attention.py ${BENCH_ARGS:---
 echo "bench exit code $?" >> "$out/bench.log"
 
 stamp "norm benchmarks"
-timeout ${NORM_BENCH_TIMEOUT:-60} $py benchmarks/bench_norms.py --out "$out" > "$out/bench_norms.log" 2>&1
-echo "norm bench exit code $?" >> "$out/bench_norms.log"
+{
+  timeout ${NORM_BENCH_TIMEOUT:-60} $py benchmarks/bench_norms.py --out "$tmp"
+  echo "norm bench exit code $?"
+  timeout ${POSENC_BENCH_TIMEOUT:-30} $py benchmarks/bench_posenc.py
+  echo "posenc bench exit code $?"
+} > "$out/bench_norms.log" 2>&1
 
 stamp "results table"
 {
@@ -60,9 +64,9 @@ stamp "results table"
   echo
   cat "$out/attention.md" 2>/dev/null || tail -n 20 "$out/bench.log"
   echo
-  echo "## Norms (GB/s of minimal bytes)"
+  echo "## Norms and positional encodings (GB/s of minimal bytes)"
   echo
-  cat "$out/norms.md" 2>/dev/null || tail -n 20 "$out/bench_norms.log"
+  cat "$out/bench_norms.log"
 } > "$out/results.md"
 cat "$out/results.md"
 stamp "done"

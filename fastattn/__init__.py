@@ -11,13 +11,17 @@ from .attention import attention, scaled_dot_product_attention
 from .multihead_attention import MultiheadAttention
 from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patch import patch
+from .posenc import RotaryEmbedding, SinusoidalPositionalEncoding, apply_rotary, sinusoidal_encoding
 
 __all__ = [
     "LayerNorm",
     "MultiheadAttention",
     "RMSNorm",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
     "add_layer_norm",
     "add_rms_norm",
+    "apply_rotary",
     "attention",
     "backend",
     "current_backend",
@@ -25,5 +29,6 @@ __all__ = [
     "patch",
     "rms_norm",
     "scaled_dot_product_attention",
+    "sinusoidal_encoding",
 ]
 __version__ = "0.1.0"

@@ -49,6 +49,8 @@ from .ops.attention_fwd_kernel import _attention_fwd_kernel
 from .ops.norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
 from .ops.norm_launch import MAX_TILE
 from .ops.norm_launch import _warps as _norm_warps
+from .ops.posenc_function import sinusoidal_tiles
+from .ops.posenc_kernels import _rotary_kernel, _sinusoidal_kernel
 
 KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes")
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -67,7 +69,12 @@ CONFIGS = {
     "attention_bwd_dq": lambda d, size: tma_dq_configs(d, size) + dq_configs(d, size),
 }
 # Norm kernels: one row per hidden size ("head_dim" column), layer norm with weight and bias, no residual.
-NORM_KERNELS = {"layer_norm_fwd": _norm_fwd_kernel, "layer_norm_bwd": _norm_bwd_kernel}
+NORM_KERNELS = {
+    "layer_norm_fwd": _norm_fwd_kernel,
+    "layer_norm_bwd": _norm_bwd_kernel,
+    "sinusoidal": _sinusoidal_kernel,
+    "rotary": _rotary_kernel,
+}
 NORM_PTRS = {"X", "R", "W", "B", "Y", "S", "DY", "DS_OUT", "DX", "DR"}
 NORM_FP32_PTRS = {"MEAN", "RSTD", "DW", "DB"}
 # Which pointer arguments become tensor descriptors in a TMA config (the streamed operands).
@@ -148,8 +155,14 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
 def _norm_source(kernel: str, hidden: int, dtype: str, cfg: Config) -> ASTSource:
     """Norm kernels as the launcher runs them on contiguous rows (``cfg.block_m`` = tile, ``block_n`` = tiles)."""
     fn = NORM_KERNELS[kernel]
-    consts = dict(IS_RMS=False, HAS_W=True, HAS_B=True, HAS_RES=False, HAS_DROPOUT=False, BLOCK=cfg.block_m,
-                  NUM_CHUNKS=cfg.block_n)  # fmt: skip
+    if kernel == "sinusoidal":  # rows of d_model = hidden
+        block_r, block_d = sinusoidal_tiles(hidden)
+        consts: dict = dict(BLOCK_R=block_r, BLOCK_D=block_d)
+    elif kernel == "rotary":  # rows of a head of dim 128, full rotary, NeoX pairs
+        consts = dict(HAS_POS=False, INTERLEAVED=False, BLOCK_R=32, BLOCK_P=64, BLOCK_E=0)
+    else:
+        consts = dict(IS_RMS=False, HAS_W=True, HAS_B=True, HAS_RES=False, HAS_DROPOUT=False, BLOCK=cfg.block_m,
+                      NUM_CHUNKS=cfg.block_n)  # fmt: skip
     if kernel == "layer_norm_bwd":
         consts["HAS_DS_OUT"] = False
     signature: dict[str, str] = {}
@@ -162,13 +175,15 @@ def _norm_source(kernel: str, hidden: int, dtype: str, cfg: Config) -> ASTSource
             signature[name] = f"*{dtype}"
         elif name in NORM_FP32_PTRS:
             signature[name] = "*fp32"
-        elif name in ("eps", "dropout_p"):
+        elif name in ("FREQ", "POS"):
+            signature[name] = "*fp64" if name == "FREQ" else "*i64"
+        elif name in ("eps", "dropout_p", "scale", "sign"):
             signature[name] = "fp32"
             continue
         else:
             signature[name] = "i32"
-            if name in ("M", "rows_per_program", "seed"):
-                continue  # row counts need not be multiples of 16
+            if name in ("M", "rows_per_program", "seed", "rows", "L", "H", "offset"):
+                continue  # counts and sizes need not be multiples of 16
         attrs[(i,)] = DIVISIBLE
     return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
 
@@ -243,7 +258,11 @@ def _jobs(
     for hidden in norm_hidden:
         block, chunks = min(triton.next_power_of_2(hidden), MAX_TILE), triton.cdiv(hidden, MAX_TILE)
         cfg = Config(block, chunks, _norm_warps(block), 1)
-        jobs += [(k, False, hidden, dtype, cfg, capability) for dtype in dtypes for k in NORM_KERNELS]
+        norm_jobs = [(k, cfg) for k in ("layer_norm_fwd", "layer_norm_bwd")]
+        norm_jobs.append(("sinusoidal", Config(sinusoidal_tiles(hidden)[1], 1, 4, 1)))  # the launcher's 4 warps
+        jobs += [(k, False, hidden, dtype, c, capability) for dtype in dtypes for k, c in norm_jobs]
+    if norm_hidden:
+        jobs += [("rotary", False, 128, dtype, Config(128, 1, 4, 1), capability) for dtype in dtypes]
     for head_dim in head_dims:
         if not 1 <= head_dim <= 256:
             raise ValueError(f"head dims 1..256 are compiled, not {head_dim}")

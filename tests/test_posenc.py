@@ -1,0 +1,128 @@
+"""Sinusoidal encoding and rotary embeddings against the formulas, written out here in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close, randn
+
+import fastattn
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]  # fmt: skip
+
+
+def formula_pe(positions: list[int], d: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)), element by element."""
+    pe = torch.empty(len(positions), d, dtype=torch.float64)
+    for r, pos in enumerate(positions):
+        for c in range(d):
+            angle = pos / 10000 ** ((c - c % 2) / d)
+            pe[r, c] = math.sin(angle) if c % 2 == 0 else math.cos(angle)
+    return pe
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,offset", [((1, 1), 0), ((7, 3), 5), ((2, 9, 13), 0), ((3, 40), 123)], ids=str)
+def test_sinusoidal_matches_formula(shape, offset, dtype, backend):
+    x = randn(*shape, dtype=dtype, requires_grad=True)
+    with fastattn.backend(backend):
+        y = fastattn.sinusoidal_encoding(x, offset=offset, scale=1.5)
+    L, d = shape[-2], shape[-1]
+    ref = x.detach().cpu().double() * 1.5 + formula_pe(list(range(offset, offset + L)), d)
+    torch_out = (x.detach().cpu() * 1.5 + formula_pe(list(range(offset, offset + L)), d).to(dtype)).to(dtype)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype, torch_out, "out")
+    dy = randn(*shape, dtype=dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, dy * 1.5)
+
+
+def test_sinusoidal_exact_at_a_million_positions():
+    """fp32 angles would be off by up to 0.06 rad at pos 1e6; the kernel's are exact to fp32 rounding."""
+    x = torch.zeros(4, 64, device=DEVICE)
+    with fastattn.backend("triton"):
+        pe = fastattn.sinusoidal_encoding(x, offset=1_000_000)
+    want = formula_pe(list(range(1_000_000, 1_000_004)), 64)
+    assert (pe.cpu().double() - want).abs().max().item() < 1e-6
+
+
+def test_sinusoidal_module():
+    m = fastattn.SinusoidalPositionalEncoding(12, dropout=0.5)
+    x = randn(2, 5, 12)
+    m.eval()
+    with fastattn.backend("triton"):
+        torch.testing.assert_close(m(x, offset=3), fastattn.sinusoidal_encoding(x, offset=3))
+        m.train()
+        assert (m(x) == 0).any()
+    with pytest.raises(ValueError, match="last dim"):
+        m(randn(2, 5, 11))
+
+
+def formula_rotary(x: torch.Tensor, pos: torch.Tensor, rot: int, interleaved: bool) -> torch.Tensor:
+    """Pair j of the first ``rot`` columns turns by pos / 10000^(2j/rot): pairs (j, j + rot/2) or (2j, 2j+1)."""
+    x = x.double().clone()
+    out = x.clone()
+    for j in range(rot // 2):
+        a, b = (2 * j, 2 * j + 1) if interleaved else (j, j + rot // 2)
+        theta = pos.double()[:, None, :] / 10000 ** (2 * j / rot)  # pos (N|1, L) -> (N|1, 1, L)
+        c, s = torch.cos(theta), torch.sin(theta)
+        out[..., a] = x[..., a] * c - x[..., b] * s
+        out[..., b] = x[..., b] * c + x[..., a] * s
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize(
+    "rot,pos_kind", [(None, "offset"), (8, "offset"), (None, "positions-L"), (6, "positions-NL")], ids=str
+)
+def test_rotary_matches_formula(rot, pos_kind, interleaved, dtype, backend):
+    N, H, HK, L, E = 2, 4, 2, 11, 16
+    q, k = randn(N, H, L, E, dtype=dtype, requires_grad=True), randn(N, HK, L, E, dtype=dtype, requires_grad=True)
+    kw = {"interleaved": interleaved, "rotary_dim": rot}
+    if pos_kind == "offset":
+        kw["offset"] = 7
+        pos = torch.arange(7, 7 + L)[None]
+    elif pos_kind == "positions-L":
+        pos = torch.randint(0, 5000, (L,))
+        kw["positions"] = pos.to(DEVICE)
+        pos = pos[None]
+    else:
+        pos = torch.randint(0, 5000, (N, L))
+        kw["positions"] = pos.to(DEVICE)
+    with fastattn.backend(backend):
+        qr, kr = fastattn.apply_rotary(q, k, **kw)
+    r = E if rot is None else rot
+    for name, got, src in (("q", qr, q), ("k", kr, k)):
+        want = formula_rotary(src.detach().cpu(), pos, r, interleaved)
+        assert_close(got, want, dtype, None, name)
+    # The rotation is orthogonal: the gradient is the opposite rotation of the incoming one.
+    dq = randn(N, H, L, E, dtype=dtype)
+    (g,) = torch.autograd.grad(qr, q, dq)
+    want = formula_rotary(dq.cpu(), -pos, r, interleaved)
+    assert_close(g, want, dtype, None, "dq")
+
+
+def test_rotary_module_and_errors():
+    q, k = randn(1, 2, 5, 8), randn(1, 2, 5, 8)
+    m = fastattn.RotaryEmbedding(8, interleaved=True)
+    with fastattn.backend("triton"):
+        a = m(q, k, offset=2)
+        b = fastattn.apply_rotary(q, k, offset=2, interleaved=True)
+    torch.testing.assert_close(a, b)
+    for kw, words in [
+        ({"rotary_dim": 7}, "rotary_dim"),
+        ({"rotary_dim": 10}, "rotary_dim"),
+        ({"positions": torch.zeros(4, dtype=torch.long, device=DEVICE)}, "positions"),
+        ({"positions": torch.zeros(5, device=DEVICE)}, "positions"),
+        ({"offset": -1}, "offset"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            fastattn.apply_rotary(q, k, **kw)
+    with pytest.raises(ValueError, match="share"):
+        fastattn.apply_rotary(q, randn(1, 2, 6, 8))
