@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -15,8 +17,9 @@ def _refusal(x: torch.Tensor) -> str | None:
     return None if x.dtype in SUPPORTED_DTYPES else f"the kernels take float16, bfloat16 and float32, not {x.dtype}"
 
 
+@functools.lru_cache(maxsize=64)
 def inv_freq(pairs: int, d: int, base: float, device) -> torch.Tensor:
-    """float64 ``base^(-2j/d)`` for j < pairs."""
+    """float64 ``base^(-2j/d)`` for j < pairs; cached, so that a launch does not first launch its table."""
     return base ** (-2.0 * torch.arange(pairs, dtype=torch.float64, device=device) / d)
 
 
