@@ -11,7 +11,7 @@ from .attention import attention, scaled_dot_product_attention
 from .multihead_attention import MultiheadAttention
 from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patch import patch
-from .posenc import RotaryEmbedding, SinusoidalPositionalEncoding, apply_rotary, sinusoidal_encoding
+from .posenc import RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes, apply_rotary, sinusoidal_encoding
 
 __all__ = [
     "LayerNorm",
@@ -21,6 +21,7 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "add_layer_norm",
     "add_rms_norm",
+    "alibi_slopes",
     "apply_rotary",
     "attention",
     "backend",

@@ -158,6 +158,18 @@ def scaled_dot_product_attention(
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 
+def _check_alibi(api: str, slopes, q: torch.Tensor) -> torch.Tensor:
+    """ALiBi slopes as a contiguous float32 (H,) or (N, H) tensor on q's device."""
+    _require_tensor(api, "alibi_slopes", slopes)
+    N, H = q.shape[0], q.shape[1]
+    if not slopes.dtype.is_floating_point or tuple(slopes.shape) not in ((H,), (N, H)):
+        raise ValueError(f"{api}: alibi_slopes must be floating, of shape ({H},) or ({N}, {H}); got "
+                         f"{slopes.dtype} {tuple(slopes.shape)}")  # fmt: skip
+    if slopes.device != q.device:
+        raise ValueError(f"{api}: alibi_slopes is on {slopes.device}, q on {q.device}")
+    return slopes.detach().to(torch.float32).contiguous()
+
+
 def _check_window(window, causal: bool) -> tuple[int | None, int | None]:
     if window is None:
         return None, (0 if causal else None)
@@ -183,6 +195,7 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_lse: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.
 
@@ -190,7 +203,9 @@ def attention(
     is bottom-right aligned (query i sees keys j <= i + S - L, as a KV cache needs); ``window=(left, right)``
     keeps keys ``i + S - L - left <= j <= i + S - L + right`` (None: no limit on that side). ``bias``: float,
     broadcastable to ``(N, H, L, S)``, gets its gradient when it requires grad. Rows with no visible key give
-    0. Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
+    0. ``alibi_slopes`` ``(H,)`` or ``(N, H)`` (see :func:`fastattn.alibi_slopes`) adds ALiBi's
+    ``-slope[h] * |i + S - L - j|`` inside the kernel, forward and backward (no gradient for the slopes).
+    Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
     log-sum-exp of the scaled, biased scores (-inf on rows with no visible key). Bad input: ValueError.
     """
     api = "attention"
@@ -209,5 +224,7 @@ def attention(
     left, right = _check_window(window, causal)
     L, S = q.shape[2], k.shape[2]
     bias4 = None if bias is None else _check_mask(api, ValueError, "bias", bias, q, S, allow_bool=False)
-    out, lse = attention_forward(api, q, k, v, bias4, scale_f, MaskSpec(offset=S - L, left=left, right=right), p)
+    alibi = None if alibi_slopes is None else _check_alibi(api, alibi_slopes, q)
+    spec = MaskSpec(offset=S - L, left=left, right=right)
+    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi)
     return (out, lse) if return_lse else out

@@ -82,7 +82,7 @@ DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
 PREPROCESS_CONFIG = Config(64, 0, 4, 3)
 INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB"}  # B and DB are q itself without bias / dS
-FP32_PTRS = {"LSE", "DELTA"}
+FP32_PTRS = {"LSE", "DELTA", "ALIBI"}
 UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd"}
 FLOATS = {"scale", "dropout_p"}
 DIVISIBLE = [["tt.divisibility", 16]]
@@ -114,6 +114,7 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
         HAS_LEFT=False,
         HAS_RIGHT=causal,
         HAS_DROPOUT=False,
+        HAS_ALIBI=False,
         INPUT_PRECISION="tf32",
     )
     if kernel == "attention_bwd_dq":

@@ -255,3 +255,38 @@ def test_descriptor_and_pointer_loads(monkeypatch, tma):
     k, v = (randn(1, 2, 45, 80, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     _check_sdpa(q, k, v, is_causal=True)
     assert bool(made) == tma
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,slopes_shape,causal",
+    [((2, 4, 4, 29, 29), "H", True), ((2, 4, 2, 21, 37), "NH", False), ((1, 2, 1, 40, 17), "H", True)],
+    ids=["causal-H", "gqa-NH-L<S", "mqa-L>S-causal"],
+)
+def test_attention_alibi(shape, slopes_shape, causal, backend):
+    """ALiBi in the kernel equals the same bias written out: -slope[h] * |i + S - L - j|."""
+    N, H, HK, L, S = shape
+    q = randn(N, H, L, 32, requires_grad=True)
+    k, v = randn(N, HK, S, 32, requires_grad=True), randn(N, HK, S, 32, requires_grad=True)
+    slopes = fastattn.alibi_slopes(H) if slopes_shape == "H" else torch.rand(N, H) * 0.5
+    with fastattn.backend(backend):
+        out = fastattn.attention(q, k, v, causal=causal, alibi_slopes=slopes.to(DEVICE))
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    bias = -slopes.double().reshape(-1, H, 1, 1) * (i + S - L - j).abs()
+    ref_in = [_leaf(x, torch.float64).cpu() for x in (q, k, v)]
+    spec = MaskSpec(offset=S - L, right=0 if causal else None)
+    ref, _ = attention_reference(*ref_in, bias, 32**-0.5, spec)
+    assert_close(out, ref, torch.float32, None, "out")
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    for name, g, w in zip("qkv", _grads(out, (q, k, v), dout.to(DEVICE, torch.float32)), _grads(ref, ref_in, dout)):
+        assert_close(g, w, torch.float32, None, f"d{name}")
+
+
+def test_alibi_slopes_and_errors():
+    torch.testing.assert_close(fastattn.alibi_slopes(4), torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
+    assert fastattn.alibi_slopes(6).shape == (6,)
+    q, k, v = (randn(1, 4, 8, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        fastattn.attention(q, k, v, alibi_slopes=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="num_heads"):
+        fastattn.alibi_slopes(0)

@@ -98,6 +98,8 @@ def _dkdv_tiles(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr,
+    alibi2,
+    HAS_ALIBI: tl.constexpr,
 ):
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = tl.multiple_of(m0, BLOCK_M) + tl.arange(0, BLOCK_M)
@@ -113,6 +115,8 @@ def _dkdv_tiles(
                 s += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32) * LOG2E
             else:
                 s = tl.where(tl.load(b_ptrs, mask=b_ok, other=0) != 0, s, float("-inf"))
+        if HAS_ALIBI:
+            s -= alibi2 * tl.abs((offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32))
         if MASKED:
             ok = _visible(offs_m[None, :], offs_n[:, None], L, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -181,6 +185,9 @@ def _attention_bwd_dkdv_kernel(
     dropout_p,
     seed,
     philox_offset,
+    ALIBI,
+    sal_z,
+    sal_h,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -194,6 +201,7 @@ def _attention_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
 ):
     """Grid ``(cdiv(S, BLOCK_N), Z * H // GROUP)``: dK, dV of one key tile of one key/value head."""
     pid_n = tl.program_id(0)
@@ -225,6 +233,9 @@ def _attention_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = z * H + h
+        alibi2 = 0.0
+        if HAS_ALIBI:
+            alibi2 = tl.load(ALIBI + z * sal_z + h * sal_h) * LOG2E
         if USE_TMA:  # Q and DO are (Z, H, L, E) tensor descriptors, addressed by (z, h, m, 0)
             q_base = Q
             do_base = DO
@@ -279,6 +290,8 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_DK,
             BLOCK_DV,
             USE_TMA,
+            alibi2,
+            HAS_ALIBI,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -325,6 +338,8 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_DK,
             BLOCK_DV,
             USE_TMA,
+            alibi2,
+            HAS_ALIBI,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -371,6 +386,8 @@ def _attention_bwd_dkdv_kernel(
             BLOCK_DK,
             BLOCK_DV,
             USE_TMA,
+            alibi2,
+            HAS_ALIBI,
         )
     dk *= scale
     tl.store(
@@ -433,6 +450,8 @@ def _dq_tiles(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr,
+    alibi2,
+    HAS_ALIBI: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         offs_n = tl.multiple_of(n0, BLOCK_N) + tl.arange(0, BLOCK_N)
@@ -447,6 +466,8 @@ def _dq_tiles(
                 s += tl.load(b_ptrs, mask=tile_ok, other=0.0).to(tl.float32) * LOG2E
             else:
                 s = tl.where(tl.load(b_ptrs, mask=tile_ok, other=0) != 0, s, float("-inf"))
+        if HAS_ALIBI:
+            s -= alibi2 * tl.abs((offs_m[:, None] + offset - offs_n[None, :]).to(tl.float32))
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], L, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -507,6 +528,9 @@ def _attention_bwd_dq_kernel(
     dropout_p,
     seed,
     philox_offset,
+    ALIBI,
+    sal_z,
+    sal_h,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -521,6 +545,7 @@ def _attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``: dQ of one query tile; DB, when BIAS_GRAD, is a zeroed
     contiguous (Z, H, L, S) float32 buffer that receives dS on the visible tiles."""
@@ -557,6 +582,9 @@ def _attention_bwd_dq_kernel(
     db_base = DB + bh.to(tl.int64) * L * S
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     qk_scale = scale * LOG2E
+    alibi2 = 0.0
+    if HAS_ALIBI:
+        alibi2 = tl.load(ALIBI + z * sal_z + h * sal_h) * LOG2E
     lo, full_lo, full_hi, hi = _visible_ranges(start_m, BLOCK_M, BLOCK_N, offset, left, right, S, HAS_LEFT, HAS_RIGHT)
     dq = _dq_tiles(
         dq,
@@ -605,6 +633,8 @@ def _attention_bwd_dq_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
     dq = _dq_tiles(
         dq,
@@ -653,6 +683,8 @@ def _attention_bwd_dq_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
     dq = _dq_tiles(
         dq,
@@ -701,6 +733,8 @@ def _attention_bwd_dq_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
     dq *= scale
     tl.store(

@@ -33,22 +33,23 @@ def _dropout_seed() -> int:
 
 class TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float, mask: MaskSpec, dropout_p: float):
+    def forward(ctx, q, k, v, bias, scale: float, mask: MaskSpec, dropout_p: float, alibi=None):
         seed = _dropout_seed() if dropout_p > 0.0 else 0
-        out, lse = attention_fwd(q, k, v, bias, scale, mask, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        out, lse = attention_fwd(q, k, v, bias, scale, mask, dropout_p, seed, alibi=alibi)
+        ctx.save_for_backward(q, k, v, bias, out, lse, alibi)
         ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed = scale, mask, dropout_p, seed
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse, alibi = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = attention_bwd(
-            dout, q, k, v, out, lse, bias, ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed, bias_grad=bias_grad
-        )
-        return dq, dk, dv, dbias, None, None, None
+            dout, q, k, v, out, lse, bias, ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed, bias_grad=bias_grad,
+            alibi=alibi,
+        )  # fmt: skip
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def attention_forward(
@@ -60,9 +61,10 @@ def attention_forward(
     scale: float,
     mask: MaskSpec,
     dropout_p: float,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through the Triton kernels when the backend and the case allow, else through the
     PyTorch reference (float32 compute for half inputs)."""
     if use_triton(op, q.device, triton_refusal(q, v)):
-        return TritonAttention.apply(q, k, v, bias, scale, mask, dropout_p)
-    return attention_reference(q, k, v, bias, scale, mask, dropout_p)
+        return TritonAttention.apply(q, k, v, bias, scale, mask, dropout_p, alibi)
+    return attention_reference(q, k, v, bias, scale, mask, dropout_p, alibi=alibi)

@@ -115,6 +115,8 @@ def _fwd_tiles(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     USE_TMA: tl.constexpr,
+    alibi2,
+    HAS_ALIBI: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
@@ -129,6 +131,8 @@ def _fwd_tiles(
                 s += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32) * LOG2E
             else:
                 s = tl.where(tl.load(b_ptrs, mask=b_ok, other=0) != 0, s, float("-inf"))
+        if HAS_ALIBI:  # -slope * |i + offset - j|, in log2 units like the rest of s
+            s -= alibi2 * tl.abs((offs_m[:, None] + offset - offs_n[None, :]).to(tl.float32))
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], L, S, offset, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s, float("-inf"))
@@ -185,6 +189,9 @@ def _attention_fwd_kernel(
     dropout_p,
     seed,
     philox_offset,
+    ALIBI,
+    sal_z,
+    sal_h,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -198,6 +205,7 @@ def _attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
     B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
@@ -228,6 +236,9 @@ def _attention_fwd_kernel(
         other=0.0,
     )
     qk_scale = scale * LOG2E
+    alibi2 = 0.0
+    if HAS_ALIBI:  # ALIBI: float32 slopes, (Z, H) through strides (sal_z = 0 when shared by the batch)
+        alibi2 = tl.load(ALIBI + z * sal_z + h * sal_h) * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -277,6 +288,8 @@ def _attention_fwd_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -321,6 +334,8 @@ def _attention_fwd_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -365,6 +380,8 @@ def _attention_fwd_kernel(
         BLOCK_DK,
         BLOCK_DV,
         USE_TMA,
+        alibi2,
+        HAS_ALIBI,
     )
 
     # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.

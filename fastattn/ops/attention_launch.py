@@ -101,8 +101,18 @@ def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
     return bias, tuple(bias.stride()), 2 if bias.dtype == torch.bool else 1
 
 
-def _flags(mask: MaskSpec, dropout_p: float) -> dict:
-    return dict(HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HAS_DROPOUT=dropout_p > 0.0)
+def _flags(mask: MaskSpec, dropout_p: float, alibi: torch.Tensor | None) -> dict:
+    return dict(
+        HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HAS_DROPOUT=dropout_p > 0.0,
+        HAS_ALIBI=alibi is not None,
+    )  # fmt: skip
+
+
+def _alibi_args(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    """(pointer, batch stride, head stride) of float32 ALiBi slopes shaped (H,) or (Z, H)."""
+    if alibi is None:
+        return q, 0, 0
+    return (alibi, 0, alibi.stride(0)) if alibi.dim() == 1 else (alibi, alibi.stride(0), alibi.stride(1))
 
 
 def _tune_key(kind, q, k, v, bias_mode, flags) -> tuple:
@@ -120,14 +130,16 @@ def attention_fwd(
     dropout_p: float = 0.0,
     seed: int = 0,
     philox_offset: int = 0,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log)."""
+    """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log). ``alibi``:
+    float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores."""
     Z, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[-1]
     out = _new((Z, H, L, EV), q.dtype, q.device)
     lse = _new((Z, H, L), torch.float32, q.device)
     b, sb, bias_mode = _bias_args(bias, q)
-    flags = _flags(mask, dropout_p)
+    flags = _flags(mask, dropout_p, alibi)
 
     tma = _tma_ok(k, v)
 
@@ -156,6 +168,7 @@ def attention_fwd(
             dropout_p,
             seed,
             philox_offset,
+            *_alibi_args(alibi, q),
             GROUP=H // k.shape[1],
             HEAD_DK=E,
             HEAD_DV=EV,
@@ -192,6 +205,7 @@ def attention_bwd(
     seed: int = 0,
     philox_offset: int = 0,
     bias_grad: bool = False,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v) and, when ``bias_grad``, the score gradient
     ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions)."""
@@ -217,7 +231,7 @@ def attention_bwd(
     # dS is written only on visible tiles; the skipped ones must read as 0.
     db = torch.zeros((Z, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else q
     b, sb, bias_mode = _bias_args(bias, q)
-    flags = _flags(mask, dropout_p)
+    flags = _flags(mask, dropout_p, alibi)
     common = dict(
         GROUP=H // HK,
         HEAD_DK=E,
@@ -229,6 +243,7 @@ def attention_bwd(
         **flags,
     )
     runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
+    runtime += _alibi_args(alibi, q)
 
     def launch_dkdv(cfg):
         qq, dd = (_descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)) if cfg.tma else (q, do)

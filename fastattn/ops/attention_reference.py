@@ -33,11 +33,13 @@ def attention_reference(
     dropout_p: float = 0.0,
     keep: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q kᵀ · scale + bias, masked) · v`` and its log-sum-exp.
 
     q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``, v ``(Z, H_kv, S, Ev)``, H a multiple of H_kv (GQA); ``bias``
-    broadcastable to ``(Z, H, L, S)``, float (added) or bool (True = take part). Dropout draws from torch's
+    broadcastable to ``(Z, H, L, S)``, float (added) or bool (True = take part); ``alibi`` slopes (H,) or
+    (Z, H) add ``-slope * |i + offset - j|``. Dropout draws from torch's
     RNG unless ``keep`` (bool, broadcastable to the scores) gives the kept elements. Fully masked rows give
     0 and lse = -inf. Returns ``out`` in q's dtype and ``lse`` float32 ``(Z, H, L)``; autograd flows.
     """
@@ -50,6 +52,11 @@ def attention_reference(
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     if bias is not None:
         s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.to(cdt)
+    if alibi is not None:  # slopes (H,) or (Z, H): -slope * |i + offset - j|
+        i = torch.arange(q.shape[-2], device=q.device)[:, None] + mask.offset
+        dist = (i - torch.arange(k.shape[-2], device=q.device)[None, :]).abs().to(cdt)
+        slopes = alibi.to(cdt).reshape(-1 if alibi.dim() == 2 else 1, q.shape[1], 1, 1)
+        s = s - slopes * dist
     ok = visible_mask(q.shape[-2], k.shape[-2], mask, q.device)
     if ok is not None:
         s = s.masked_fill(~ok, float("-inf"))
