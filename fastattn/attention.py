@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ._backend import use_triton
 from .ops.attention_function import attention_forward, triton_refusal
-from .ops.attention_launch import MaskSpec
+from .ops.attention_launch import MaskSpec, RotarySpec
+from .posenc import RotaryEmbedding
 
 _SDPA = "scaled_dot_product_attention"
 
@@ -170,6 +171,17 @@ def _check_alibi(api: str, slopes, q: torch.Tensor) -> torch.Tensor:
     return slopes.detach().to(torch.float32).contiguous()
 
 
+def _check_rotary(api: str, rotary, offset, q: torch.Tensor) -> RotarySpec:
+    if not isinstance(rotary, RotaryEmbedding):
+        raise ValueError(f"{api}: rotary must be a fastattn.RotaryEmbedding, got {type(rotary).__name__}")
+    dim, E = rotary.dim, q.shape[-1]
+    if not (isinstance(dim, int) and 0 < dim <= E and dim % 2 == 0):
+        raise ValueError(f"{api}: rotary dim must be even and at most the head dim {E}, got {dim}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{api}: rotary_offset must be a non-negative int, got {offset!r}")
+    return RotarySpec(dim=dim, base=float(rotary.base), interleaved=bool(rotary.interleaved), offset=offset)
+
+
 def _check_window(window, causal: bool) -> tuple[int | None, int | None]:
     if window is None:
         return None, (0 if causal else None)
@@ -196,6 +208,8 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     alibi_slopes: torch.Tensor | None = None,
+    rotary: RotaryEmbedding | None = None,
+    rotary_offset: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.
 
@@ -205,6 +219,9 @@ def attention(
     broadcastable to ``(N, H, L, S)``, gets its gradient when it requires grad. Rows with no visible key give
     0. ``alibi_slopes`` ``(H,)`` or ``(N, H)`` (see :func:`fastattn.alibi_slopes`) adds ALiBi's
     ``-slope[h] * |i + S - L - j|`` inside the kernel, forward and backward (no gradient for the slopes).
+    ``rotary`` (a :class:`fastattn.RotaryEmbedding`) turns q and k inside the forward kernel, key j at position
+    ``rotary_offset + j`` and query i at ``rotary_offset + i + S - L`` (rotated copies are not written; the
+    backward rotates q and k into temporaries and turns their gradients back).
     Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
     log-sum-exp of the scaled, biased scores (-inf on rows with no visible key). Bad input: ValueError.
     """
@@ -225,6 +242,7 @@ def attention(
     L, S = q.shape[2], k.shape[2]
     bias4 = None if bias is None else _check_mask(api, ValueError, "bias", bias, q, S, allow_bool=False)
     alibi = None if alibi_slopes is None else _check_alibi(api, alibi_slopes, q)
+    rope = None if rotary is None else _check_rotary(api, rotary, rotary_offset, q)
     spec = MaskSpec(offset=S - L, left=left, right=right)
-    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi)
+    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi, rope)
     return (out, lse) if return_lse else out

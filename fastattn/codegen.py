@@ -41,6 +41,7 @@ from .ops.attention_configs import (
     dkdv_configs,
     dq_configs,
     fwd_configs,
+    rotary_fwd_configs,
     tma_dkdv_configs,
     tma_dq_configs,
     tma_fwd_configs,
@@ -58,6 +59,7 @@ DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "f
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
 KERNELS = {
     "attention_fwd": _attention_fwd_kernel,
+    "attention_fwd_rotary": _attention_fwd_kernel,  # rotary embeddings fused in (pointer loads, cos/sin tables)
     "attention_bwd_preprocess": _attention_bwd_preprocess_kernel,
     "attention_bwd_dkdv": _attention_bwd_dkdv_kernel,
     "attention_bwd_dq": _attention_bwd_dq_kernel,
@@ -65,6 +67,7 @@ KERNELS = {
 # The launchers try the descriptor (TMA) configs first where the tensors allow, then the pointer ones.
 CONFIGS = {
     "attention_fwd": lambda d, size: tma_fwd_configs(d, size) + fwd_configs(d, size),
+    "attention_fwd_rotary": rotary_fwd_configs,
     "attention_bwd_dkdv": lambda d, size: tma_dkdv_configs(d, size) + dkdv_configs(d, size),
     "attention_bwd_dq": lambda d, size: tma_dq_configs(d, size) + dq_configs(d, size),
 }
@@ -120,6 +123,8 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
     if kernel == "attention_bwd_dq":
         consts["BIAS_GRAD"] = False
     consts["USE_TMA"] = cfg.tma
+    if kernel.startswith("attention_fwd"):
+        consts.update(HAS_ROTARY=kernel == "attention_fwd_rotary", ROT_INTERLEAVED=False)
     return consts
 
 
@@ -143,6 +148,8 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
         elif name in INPUT_PTRS:
             signature[name] = f"*{dtype}"
         elif name in FP32_PTRS:
+            signature[name] = "*fp32"
+        elif name in ("COS", "SIN"):  # rotary tables
             signature[name] = "*fp32"
         elif name in FLOATS:
             signature[name] = "fp32"

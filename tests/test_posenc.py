@@ -126,3 +126,47 @@ def test_rotary_module_and_errors():
             fastattn.apply_rotary(q, k, **kw)
     with pytest.raises(ValueError, match="share"):
         fastattn.apply_rotary(q, randn(1, 2, 6, 8))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "L,S,interleaved,dim,dtype",
+    [
+        (24, 24, False, 32, torch.float32),
+        (24, 24, True, 16, torch.bfloat16),
+        (10, 30, False, 32, torch.float32),
+        (33, 17, True, 24, torch.float32),
+    ],
+    ids=["neox-square", "gptj-partial-bf16", "neox-kvcache-L<S", "gptj-L>S"],
+)
+def test_rotary_fused_into_attention(L, S, interleaved, dim, dtype, backend):
+    """attention(..., rotary=) equals apply_rotary followed by attention (keys at offset + j, queries at
+    offset + i + S - L), forward and backward, with GQA."""
+    q = randn(2, 4, L, 32, dtype=dtype, requires_grad=True)
+    k, v = (randn(2, 2, S, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+    rope = fastattn.RotaryEmbedding(dim, interleaved=interleaved)
+    with fastattn.backend(backend):
+        out = fastattn.attention(q, k, v, causal=True, rotary=rope, rotary_offset=5)
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    if L == S:  # the two-step path of the issue, literally
+        qr, kr = fastattn.apply_rotary(leaves[0], leaves[1], offset=5, interleaved=interleaved, rotary_dim=dim)
+    else:
+        qr = formula_rotary(leaves[0], torch.arange(5 + S - L, 5 + S)[None], dim, interleaved)
+        kr = formula_rotary(leaves[1], torch.arange(5, 5 + S)[None], dim, interleaved)
+    ref = fastattn.attention(qr, kr, leaves[2], causal=True)
+    assert_close(out, ref, dtype, None, "out")
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
+    want = torch.autograd.grad(ref, leaves, dout)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, dtype, None, f"d{name}")
+
+
+def test_rotary_fused_rejects_bad_specs():
+    q, k, v = (randn(1, 2, 8, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="RotaryEmbedding"):
+        fastattn.attention(q, k, v, rotary=32)
+    with pytest.raises(ValueError, match="rotary dim"):
+        fastattn.attention(q, k, v, rotary=fastattn.RotaryEmbedding(32))
+    with pytest.raises(ValueError, match="rotary_offset"):
+        fastattn.attention(q, k, v, rotary=fastattn.RotaryEmbedding(16), rotary_offset=-2)

@@ -66,6 +66,17 @@ def tma_fwd_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     return [Config(128, 128, 8, 3, True), Config(128, 64, 8, 3, True), Config(128, 64, 8, 4, True)]
 
 
+def rotary_fwd_configs(block_d: int, elem_size: int = 2) -> list[Config]:
+    """Forward candidates with rotary fused in: the turned K tile, its pair partners and the cos/sin tiles
+    share the registers with the accumulator, so the key tile is 64 wide (0 spills at d=128 for sm_90;
+    d > 128 still spills, 54+ words)."""
+    if _width(block_d, elem_size) > 128:
+        return fwd_configs(block_d, elem_size)
+    if _width(block_d, elem_size) > 64:  # three stages of a 64-key tile and its partners overflow 227 KB
+        return [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(64, 64, 8, 2), Config(64, 32, 4, 2)]
+    return [Config(128, 64, 8, 3), Config(128, 32, 8, 3), Config(64, 64, 8, 2), Config(64, 32, 4, 2)]
+
+
 def tma_dkdv_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     """dK/dV candidates that stream Q and dO tiles through tensor descriptors (16-bit data, d <= 128).
     (num_stages=2 with 128-key tiles crashes ptxas 13 here; M64-N128 spills at d=128.)"""

@@ -9,7 +9,7 @@ which is all the backward needs to recompute the probabilities.
 import triton
 import triton.language as tl
 
-from .attention_tiles import LN2, LOG2E, _dropout_keep, _visible, _visible_ranges
+from .attention_tiles import LN2, LOG2E, _dropout_keep, _rope_rows, _visible, _visible_ranges
 
 
 @triton.jit
@@ -117,12 +117,24 @@ def _fwd_tiles(
     USE_TMA: tl.constexpr,
     alibi2,
     HAS_ALIBI: tl.constexpr,
+    COS,
+    SIN,
+    rot,
+    rot_offset,
+    HAS_ROTARY: tl.constexpr,
+    ROT_INTERLEAVED: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < S
-        k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, skn, skd, S, HEAD_DK, BLOCK_N, BLOCK_DK, MASKED, USE_TMA)
+        if HAS_ROTARY:  # key j sits at table row rot_offset + j; its rotated copy lives only in registers
+            k = _rope_rows(
+                k_base, offs_n, offs_dk, skn, skd, S, offs_n + rot_offset, COS, SIN, rot, HEAD_DK, ROT_INTERLEAVED
+            )
+            k = tl.trans(k.to(q.dtype))
+        else:
+            k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, skn, skd, S, HEAD_DK, BLOCK_N, BLOCK_DK, MASKED, USE_TMA)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
         if BIAS_MODE != 0:
             b_ptrs = b_base + offs_m[:, None] * sbm + offs_n[None, :] * sbn
@@ -192,6 +204,10 @@ def _attention_fwd_kernel(
     ALIBI,
     sal_z,
     sal_h,
+    COS,
+    SIN,
+    rot,
+    rot_offset,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -206,6 +222,8 @@ def _attention_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False,
+    HAS_ROTARY: tl.constexpr = False,
+    ROT_INTERLEAVED: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
     B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
@@ -230,11 +248,16 @@ def _attention_fwd_kernel(
         v_base = V + z64 * svz + hk.to(tl.int64) * svh
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
 
-    q = tl.load(
-        q_base + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
-        mask=(offs_m[:, None] < L) & (offs_dk[None, :] < HEAD_DK),
-        other=0.0,
-    )
+    if HAS_ROTARY:  # query i sits at table row rot_offset + i + offset (aligned with the keys like causal)
+        pos_q = offs_m + offset + rot_offset
+        q = _rope_rows(q_base, offs_m, offs_dk, sqm, sqd, L, pos_q, COS, SIN, rot, HEAD_DK, ROT_INTERLEAVED)
+        q = q.to(Q.dtype.element_ty)
+    else:
+        q = tl.load(
+            q_base + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
+            mask=(offs_m[:, None] < L) & (offs_dk[None, :] < HEAD_DK),
+            other=0.0,
+        )
     qk_scale = scale * LOG2E
     alibi2 = 0.0
     if HAS_ALIBI:  # ALIBI: float32 slopes, (Z, H) through strides (sal_z = 0 when shared by the batch)
@@ -290,6 +313,12 @@ def _attention_fwd_kernel(
         USE_TMA,
         alibi2,
         HAS_ALIBI,
+        COS,
+        SIN,
+        rot,
+        rot_offset,
+        HAS_ROTARY,
+        ROT_INTERLEAVED,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -336,6 +365,12 @@ def _attention_fwd_kernel(
         USE_TMA,
         alibi2,
         HAS_ALIBI,
+        COS,
+        SIN,
+        rot,
+        rot_offset,
+        HAS_ROTARY,
+        ROT_INTERLEAVED,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -382,6 +417,12 @@ def _attention_fwd_kernel(
         USE_TMA,
         alibi2,
         HAS_ALIBI,
+        COS,
+        SIN,
+        rot,
+        rot_offset,
+        HAS_ROTARY,
+        ROT_INTERLEAVED,
     )
 
     # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.

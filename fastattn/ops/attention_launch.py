@@ -24,6 +24,7 @@ from .attention_configs import (
     dq_configs,
     fwd_configs,
     pick,
+    rotary_fwd_configs,
     tma_dkdv_configs,
     tma_dq_configs,
     tma_fwd_configs,
@@ -34,6 +35,16 @@ if interpreting():
     from ._interpreter import patch_bf16
 
     patch_bf16()
+
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """Rotary embeddings applied inside the attention kernel (see ``fastattn.RotaryEmbedding``)."""
+
+    dim: int  # rotated columns (even, <= head dim)
+    base: float = 10000.0
+    interleaved: bool = False  # GPT-J pairs (2j, 2j+1); else GPT-NeoX pairs (j, j + dim/2)
+    offset: int = 0  # position of key 0; query i sits at offset + i + (S - L)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,17 @@ class MaskSpec:
 def _block_d(e: int) -> int:
     # tl.dot needs K >= 16, and tiles are powers of two: head dim 80 runs in a 128-wide tile, masked.
     return max(16, triton.next_power_of_2(e))
+
+
+def _rotary_tables(rotary: RotarySpec, L: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin of the rotary angles, (positions, dim/2), angles formed in fp64. Row r is position
+    ``rotary.offset + min(0, S - L) + r``: queries before key 0 (L > S) have negative positions."""
+    from .posenc_function import inv_freq  # posenc_function builds on this module
+
+    first = rotary.offset + min(0, S - L)
+    pos = torch.arange(first, rotary.offset + S, device=device, dtype=torch.float64)
+    angles = pos[:, None] * inv_freq(rotary.dim // 2, rotary.dim, rotary.base, device)[None, :]
+    return angles.cos().float().contiguous(), angles.sin().float().contiguous()
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -131,9 +153,11 @@ def attention_fwd(
     seed: int = 0,
     philox_offset: int = 0,
     alibi: torch.Tensor | None = None,
+    rotary: RotarySpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log). ``alibi``:
-    float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores."""
+    float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores. ``rotary``: q and k
+    are turned by rotary embeddings inside the kernel (key j at ``rotary.offset + j``)."""
     Z, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[-1]
     out = _new((Z, H, L, EV), q.dtype, q.device)
@@ -141,7 +165,11 @@ def attention_fwd(
     b, sb, bias_mode = _bias_args(bias, q)
     flags = _flags(mask, dropout_p, alibi)
 
-    tma = _tma_ok(k, v)
+    tma = rotary is None and _tma_ok(k, v)  # rotary loads each pair partner by permuted pointers
+    rot_args = (q, q, 0, 0)
+    if rotary is not None:
+        # The kernel indexes table rows: key j is row j + max(0, L - S), query i row i + S - L + the same.
+        rot_args = (*_rotary_tables(rotary, L, S, q.device), rotary.dim, max(0, L - S))
 
     def launch(cfg):
         grid = (triton.cdiv(L, cfg.block_m), Z * H)
@@ -169,6 +197,7 @@ def attention_fwd(
             seed,
             philox_offset,
             *_alibi_args(alibi, q),
+            *rot_args,
             GROUP=H // k.shape[1],
             HEAD_DK=E,
             HEAD_DV=EV,
@@ -179,14 +208,20 @@ def attention_fwd(
             BIAS_MODE=bias_mode,
             INPUT_PRECISION=_input_precision(q.dtype),
             USE_TMA=cfg.tma,
+            HAS_ROTARY=rotary is not None,
+            ROT_INTERLEAVED=rotary is not None and rotary.interleaved,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **flags,
         )
 
     bd, size = _block_d(max(E, EV)), q.element_size()
-    candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
-    cfg = pick(_tune_key("fwd", q, k, v, bias_mode, flags) + (tma,), candidates, launch, q.device)
+    if rotary is not None:
+        candidates = rotary_fwd_configs(bd, size)
+    else:
+        candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
+    key = _tune_key("fwd", q, k, v, bias_mode, flags) + (tma, rotary is not None)
+    cfg = pick(key, candidates, launch, q.device)
     launch(cfg)
     return out, lse
 

@@ -106,3 +106,45 @@ def _load_rows(
         ok = (offs_r[:, None] < limit) & (offs_d[None, :] < HEAD_D)
         x = tl.load(base + offs_r[:, None] * s_r + offs_d[None, :] * s_d, mask=ok, other=0.0)
     return x
+
+
+@triton.jit
+def _rope_rows(
+    base,
+    offs_r,
+    offs_d,
+    s_r,
+    s_d,
+    limit,
+    pos,
+    COS,
+    SIN,
+    rot,
+    HEAD_D: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    """Rows ``offs_r`` (through pointers at ``base``) turned by rotary embeddings, as an fp32 (rows, BLOCK_D)
+    tile. ``pos`` indexes the fp32 ``COS``/``SIN`` tables (rows of rot/2 pairs, built once per call in fp64:
+    tables keep the fp64 angle arithmetic out of the attention loop's registers). Each column's pair partner
+    is loaded a second time with permuted column offsets (same cache lines), since registers cannot be
+    permuted; columns from ``rot`` on pass through."""
+    ok = (offs_r[:, None] < limit) & (offs_d[None, :] < HEAD_D)
+    x = tl.load(base + offs_r[:, None] * s_r + offs_d[None, :] * s_d, mask=ok, other=0.0).to(tl.float32)
+    half = rot // 2
+    in_rot = offs_d < rot
+    if INTERLEAVED:  # GPT-J: pairs (2j, 2j + 1)
+        partner = offs_d ^ 1
+        pair = offs_d // 2
+        first = (offs_d % 2) == 0
+    else:  # GPT-NeoX: pairs (j, j + rot/2)
+        first = offs_d < half
+        partner = tl.where(first, offs_d + half, offs_d - half)
+        pair = tl.where(first, offs_d, offs_d - half)
+    partner = tl.where(in_rot, partner, offs_d)
+    xp = tl.load(base + offs_r[:, None] * s_r + partner[None, :] * s_d, mask=ok, other=0.0).to(tl.float32)
+    t_ok = (offs_r[:, None] < limit) & in_rot[None, :]
+    t_off = pos[:, None] * half + pair[None, :]
+    cos = tl.load(COS + t_off, mask=t_ok, other=1.0)
+    sin = tl.load(SIN + t_off, mask=t_ok, other=0.0)
+    sign = tl.where(first, -1.0, 1.0)
+    return x * cos + sign[None, :] * xp * sin
