@@ -1,4 +1,5 @@
-"""Norm benchmark: fastattn's layer norm / RMSNorm against torch's ops and torch.compile of them.
+"""Norm benchmark: fastattn's layer norm / RMSNorm against torch's ops, torch.compile of them, and Liger-Kernel
+and Apex where installed.
 
 GB/s of the minimal bytes (inputs read once, outputs written once): forward reads x and writes y (weights
 are negligible); backward reads x, dy and writes dx. The median of ``triton.testing.do_bench``; 16k rows
@@ -31,7 +32,32 @@ def _impls(kind: str) -> dict:
     impls = {"fastattn": ours, "torch": ref}
     if torch.cuda.is_available():
         impls["torch.compile"] = torch.compile(ref)
+    impls.update(_peers(kind))
     return impls
+
+
+def _peers(kind: str) -> dict:
+    """Liger-Kernel and Apex, where installed (their public functional entry points)."""
+    peers = {}
+    try:
+        from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+
+        if kind == "layer_norm":
+            peers["liger"] = lambda x, w, b: liger_layer_norm(x, w, b, 1e-5)
+        else:
+            peers["liger"] = lambda x, w, b: liger_rms_norm(x, w, 1e-6)
+    except ImportError:
+        pass
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+
+        if kind == "layer_norm":
+            peers["apex"] = lambda x, w, b: fused_layer_norm_affine(x, w, b, x.shape[-1:], 1e-5)
+        else:
+            peers["apex"] = lambda x, w, b: fused_rms_norm_affine(x, w, x.shape[-1:], 1e-6)
+    except ImportError:
+        pass
+    return peers
 
 
 def _time(fn, *args, backward=None) -> float:

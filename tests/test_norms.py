@@ -207,3 +207,15 @@ def test_errors_like_torch():
         fastattn.add_rms_norm(x, randn(4, 7), 8)
     with pytest.raises(ValueError, match="dropout_p"):
         fastattn.add_layer_norm(x, x, 8, dropout_p=1.0)
+
+
+def test_widest_rows():
+    """Hidden size 65536: rows walked in tiles (three passes forward, per-program dW/dB rows backward)."""
+    x, w, b = (t.requires_grad_() for t in (randn(2, 65536), randn(65536), randn(65536)))
+    with fastattn.backend("triton"):
+        _check(
+            lambda x, w, b: fastattn.layer_norm(x, 65536, w, b),
+            lambda x, w, b: ref_layer_norm(x, w, b, 1e-5),
+            lambda x, w, b: F.layer_norm(x, (65536,), w, b),
+            [x, w, b], torch.float32,
+        )  # fmt: skip
