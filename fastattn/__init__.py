@@ -7,6 +7,7 @@ run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``Multih
 """
 
 from ._backend import backend, current_backend
+from ._info import info
 from .attention import attention, scaled_dot_product_attention
 from .multihead_attention import MultiheadAttention
 from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -26,6 +27,7 @@ __all__ = [
     "attention",
     "backend",
     "current_backend",
+    "info",
     "layer_norm",
     "patch",
     "rms_norm",
