@@ -169,6 +169,18 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report(rows: list[dict], out_dir: str, name: str) -> None:
+    """Print the Markdown table; with ``out_dir``, also write ``name.md`` and ``name.json`` there."""
+    table = to_markdown(rows)
+    print(table)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-dims", default="64,128")
@@ -191,15 +203,7 @@ def main(argv=None) -> None:
     else:
         print("# no GPU here: timing fastattn's CPU path (PyTorch) against torch's SDPA on the CPU")
         rows = bench_cpu()
-    table = to_markdown(rows)
-    print(table)
-
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "attention.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(args.out, "attention.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+    report(rows, args.out, "attention")
 
 
 if __name__ == "__main__":

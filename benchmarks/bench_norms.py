@@ -11,13 +11,11 @@ of each hidden size. Without a GPU it says so and times the CPU path against tor
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
-from bench_attention import to_markdown
+from bench_attention import report
 
 import fastattn
 
@@ -111,15 +109,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         print("# no GPU here: timing the CPU path (PyTorch's ops) on a small problem")
         hidden, rows, dtype = hidden[:2], 256, torch.float32
-    rows_out = run(hidden, rows, dtype)
-    table = to_markdown(rows_out)
-    print(table)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "norms.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(args.out, "norms.json"), "w") as f:
-            json.dump(rows_out, f, indent=1)
+    report(run(hidden, rows, dtype), args.out, "norms")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ torch versions also read precomputed tables, which the kernels compute instead).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
-from bench_attention import to_markdown
+from bench_attention import report
 from bench_norms import _time
 
 import fastattn
@@ -73,12 +71,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         print("# no GPU here: timing the CPU path on a small problem")
         tokens, dtype = 2048, torch.float32
-    out = run(tokens, [int(d) for d in args.d_model.split(",")], dtype)
-    print(to_markdown(out))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "posenc.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    report(run(tokens, [int(d) for d in args.d_model.split(",")], dtype), args.out, "posenc")
 
 
 if __name__ == "__main__":
