@@ -11,9 +11,9 @@ namespace {
 
 constexpr int kBlockN = 64, kThreads = 128;
 
-// Query tile: 64 rows at head dim 64; 32 at 128 keeps dK, dV and the score tiles within 255 registers.
+// Query tile: 64 rows at head dim 64; 16 at 128 keeps dK, dV and the score tiles under 255 registers (32 spills).
 template <int D>
-constexpr int kBwdBlockM = D == 64 ? 64 : 32;
+constexpr int kBwdBlockM = D == 64 ? 64 : 16;
 
 template <int D>
 constexpr int bwd_smem_bytes() {
@@ -106,13 +106,13 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
                                                          kStride);
     uint32_t a[kNT / 2][4];
     if (p.dropout_p > 0.f) {  // dV takes the dropped, rescaled P; dS the kept part of dP
+      const uint32_t bits = dropout_bits<kNT, true>(p, bh, key0, i0);
       float pd[kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool keep = dropout_keep(p.seed, p.philox_offset, bh, static_cast<uint32_t>(i0 + acc_col(lane, nt, e)),
-                                         static_cast<uint32_t>(key0 + acc_row(lane, e)), p.dropout_p);
+          const bool keep = (bits >> (nt * 4 + e)) & 1u;
           pd[nt][e] = keep ? pt[nt][e] * keep_scale : 0.f;
           dpt[nt][e] = keep ? dpt[nt][e] * keep_scale : 0.f;
         }
@@ -140,16 +140,20 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
     }
     __syncthreads();
     const int qt = warp % kQTiles, part = warp / kQTiles;
-    float dq[kDPart / 8][4] = {};
-    warp_mma<T, kBlockN / 16, kDPart / 8, AFrom::kSmemTrans, BFrom::kKN>(dq, nullptr, sds + qt * 16, kDsStride,
-                                                                           sk + part * kDPart, kStride);
-    float* dq_row = bp.dq_accum + (int64_t(bh) * p.l + i0 + qt * 16) * D + part * kDPart;
+    // 32 columns at a time: a wider accumulator here pushes the kernel past 255 registers on sm_80.
 #pragma unroll
-    for (int nt = 0; nt < kDPart / 8; ++nt)
+    for (int c0 = part * kDPart; c0 < (part + 1) * kDPart; c0 += 32) {
+      float dq[4][4] = {};
+      warp_mma<T, kBlockN / 16, 4, AFrom::kSmemTrans, BFrom::kKN>(dq, nullptr, sds + qt * 16, kDsStride, sk + c0,
+                                                                  kStride);
+      float* dq_rows = bp.dq_accum + (int64_t(bh) * p.l + i0 + qt * 16) * D + c0;
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (i0 + qt * 16 + acc_row(lane, e) < p.l)
-          atomicAdd(dq_row + acc_row(lane, e) * D + acc_col(lane, nt, e), dq[nt][e] * p.scale);
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (i0 + qt * 16 + acc_row(lane, e) < p.l)
+            atomicAdd(dq_rows + acc_row(lane, e) * D + acc_col(lane, nt, e), dq[nt][e] * p.scale);
+    }
     __syncthreads();  // the next iteration's load overwrites the buffers read here
   }
   cp_async_wait<0>();

@@ -16,7 +16,7 @@ constexpr int fwd_smem_bytes() {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kStride = padded(D), kNT = kBlockN / 8, kDT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
@@ -100,13 +100,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
       }
     }
     if (p.dropout_p > 0.f) {  // after the sum: dropout acts on the normalized probabilities
+      const uint32_t keep = dropout_bits<kNT, false>(p, bh, row0, j0);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (!dropout_keep(p.seed, p.philox_offset, bh, static_cast<uint32_t>(row0 + acc_row(lane, e)),
-                            static_cast<uint32_t>(j0 + acc_col(lane, nt, e)), p.dropout_p))
-            s[nt][e] = 0.f;
+          if (!((keep >> (nt * 4 + e)) & 1u)) s[nt][e] = 0.f;
     }
     uint32_t pf[kNT / 2][4];
     acc_to_a<T, kNT>(pf, s);
