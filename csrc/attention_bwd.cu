@@ -129,15 +129,12 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
     warp_mma<T, kNT / 2, kDT, AFrom::kRegs, BFrom::kKN>(dk, a, nullptr, 0, sqb, kStride);
 
     // dS^T into shared memory ([key][query]) for the dQ GEMM, which needs it with queries as rows.
-    const int r0 = warp * 16 + acc_row(lane, 0);
 #pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
-      const int c0 = acc_col(lane, 2 * kk, 0);
-      *reinterpret_cast<uint32_t*>(sds + r0 * kDsStride + c0) = a[kk][0];
-      *reinterpret_cast<uint32_t*>(sds + (r0 + 8) * kDsStride + c0) = a[kk][1];
-      *reinterpret_cast<uint32_t*>(sds + r0 * kDsStride + c0 + 8) = a[kk][2];
-      *reinterpret_cast<uint32_t*>(sds + (r0 + 8) * kDsStride + c0 + 8) = a[kk][3];
-    }
+    for (int kk = 0; kk < kNT / 2; ++kk)
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg)
+        *reinterpret_cast<uint32_t*>(sds + (warp * 16 + a_row(lane, reg)) * kDsStride + a_col(lane, kk, reg)) =
+            a[kk][reg];
     __syncthreads();
     const int qt = warp % kQTiles, part = warp / kQTiles;
     // 32 columns at a time: a wider accumulator here pushes the kernel past 255 registers on sm_80.

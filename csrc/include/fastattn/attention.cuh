@@ -135,6 +135,36 @@ FA_HOST_DEVICE inline int ldsm_col_a(int lane) { return (lane >> 4) * 8; }
 FA_HOST_DEVICE inline int ldsm_row_b(int lane) { return (lane & 7) + (lane >> 4) * 8; }
 FA_HOST_DEVICE inline int ldsm_col_b(int lane) { return ((lane >> 3) & 1) * 8; }
 
+// Element offsets (from the operand's base) that lane `lane` hands to ldmatrix.x4 at k-step kk: the A
+// operand from [m][k] storage (ldmatrix) or [k][m] storage (.trans); the B operand's n16 block np from
+// [n][k] storage (ldmatrix) or [k][n] storage (.trans).
+FA_HOST_DEVICE inline int a_offset(bool km_storage, int lane, int kk, int lda) {
+  return km_storage ? (kk * 16 + ldsm_row_b(lane)) * lda + ldsm_col_b(lane)
+                    : ldsm_row_a(lane) * lda + kk * 16 + ldsm_col_a(lane);
+}
+FA_HOST_DEVICE inline int b_offset(bool kn_storage, int lane, int kk, int np, int ldb) {
+  return kn_storage ? (kk * 16 + ldsm_row_a(lane)) * ldb + np * 16 + ldsm_col_a(lane)
+                    : (np * 16 + ldsm_row_b(lane)) * ldb + kk * 16 + ldsm_col_b(lane);
+}
+
+// Position of A-operand register `reg` (0..3, two 16-bit values from column a_col on) at k-step kk.
+FA_HOST_DEVICE inline int a_row(int lane, int reg) { return (lane >> 2) + (reg & 1) * 8; }
+FA_HOST_DEVICE inline int a_col(int lane, int kk, int reg) { return kk * 16 + (lane & 3) * 2 + (reg >> 1) * 8; }
+
+// The A operand (16 x 16*NT/2) from fp32 accumulator fragments (16 x 8*NT): an n8 tile pair of the
+// accumulator is one k16 step of the operand (FlashAttention-2's register reuse of P). `pack` makes one
+// register of two values (the first in the low half).
+template <int NT, typename R, typename Pack>
+FA_HOST_DEVICE inline void acc_to_a_with(R (&a)[NT / 2][4], const float (&acc)[NT][4], Pack pack) {
+  FA_UNROLL
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    a[kk][0] = pack(acc[2 * kk][0], acc[2 * kk][1]);
+    a[kk][1] = pack(acc[2 * kk][2], acc[2 * kk][3]);
+    a[kk][2] = pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[kk][3] = pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+  }
+}
+
 // Position of accumulator element e (0..3) of n8 tile nt in a warp's 16-row mma result, for lane `lane`.
 FA_HOST_DEVICE inline int acc_row(int lane, int e) { return (lane >> 2) + (e >> 1) * 8; }
 FA_HOST_DEVICE inline int acc_col(int lane, int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); }

@@ -38,9 +38,9 @@ __device__ __forceinline__ void warp_mma_step(float (&acc)[NT][4], const uint32_
   for (int np = 0; np < NT / 2; ++np) {
     uint32_t bf[4];
     if constexpr (B_FROM == BFrom::kNK) {
-      ldsm_x4(bf, b + (np * 16 + ldsm_row_b(lane)) * ldb + kk * 16 + ldsm_col_b(lane));
+      ldsm_x4(bf, b + b_offset(false, lane, kk, np, ldb));
     } else {
-      ldsm_x4_trans(bf, b + (kk * 16 + ldsm_row_a(lane)) * ldb + np * 16 + ldsm_col_a(lane));
+      ldsm_x4_trans(bf, b + b_offset(true, lane, kk, np, ldb));
     }
     mma16816<T>(acc[2 * np], af, bf[0], bf[1]);
     mma16816<T>(acc[2 * np + 1], af, bf[2], bf[3]);
@@ -63,26 +63,18 @@ __device__ __forceinline__ void warp_mma(float (&acc)[NT][4], const uint32_t (*a
     for (int kk = 0; kk < K16; ++kk) {
       uint32_t af[4];
       if constexpr (A_FROM == AFrom::kSmem) {
-        ldsm_x4(af, a + ldsm_row_a(lane) * lda + kk * 16 + ldsm_col_a(lane));
+        ldsm_x4(af, a + a_offset(false, lane, kk, lda));
       } else {
-        ldsm_x4_trans(af, a + (kk * 16 + ldsm_row_b(lane)) * lda + ldsm_col_b(lane));
+        ldsm_x4_trans(af, a + a_offset(true, lane, kk, lda));
       }
       warp_mma_step<T, NT, B_FROM>(acc, af, b, ldb, kk, lane);
     }
   }
 }
 
-// The A operand (16 x 16*K16, 16-bit) of a warp from its fp32 accumulator fragments (16 x 8*NT): an n8
-// tile pair of the accumulator is one k16 step of the operand (FlashAttention-2's register reuse of P).
 template <typename T, int NT>
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
-#pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    a[kk][0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
-    a[kk][1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
-    a[kk][2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-    a[kk][3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-  }
+  acc_to_a_with<NT>(a, acc, [](float lo, float hi) { return pack2<T>(lo, hi); });
 }
 
 template <typename T>

@@ -6,8 +6,10 @@
 
 #if defined(__CUDACC__)
 #define FA_HOST_DEVICE __host__ __device__
+#define FA_UNROLL _Pragma("unroll")
 #else
 #define FA_HOST_DEVICE
+#define FA_UNROLL
 #endif
 
 namespace fastattn {
