@@ -46,13 +46,34 @@ def _sdpa_backend(name: str) -> Callable:
     return run
 
 
-def _fastattn(q, k, v, causal):
-    with fastattn.backend("triton"):
-        return fastattn.attention(q, k, v, causal=causal)
+def on_backend(fn: Callable, name: str) -> Callable:
+    """``fn`` run under ``fastattn.backend(name)``."""
+
+    def run(*args):
+        with fastattn.backend(name):
+            return fn(*args)
+
+    return run
+
+
+def kernel_backends() -> dict[str, str]:
+    """Implementation name -> fastattn backend: the Triton kernels on a GPU ("auto", the CPU path, elsewhere),
+    and the CUDA C++ kernels where ``fastattn._C`` runs on this GPU."""
+    if not torch.cuda.is_available():
+        return {"fastattn": "auto"}
+    from fastattn.ops.cuda_ext import unavailable
+
+    out = {"fastattn": "triton"}
+    if unavailable(torch.device("cuda")) is None:
+        out["fastattn-cuda"] = "cuda"
+    return out
 
 
 def implementations() -> dict[str, Callable]:
-    impls = {"fastattn": _fastattn}
+    impls = {
+        name: on_backend(lambda q, k, v, c: fastattn.attention(q, k, v, causal=c), backend)
+        for name, backend in kernel_backends().items()
+    }
     for name in ("flash", "efficient", "cudnn"):
         impls[f"sdpa-{name}"] = _sdpa_backend(name)
     with contextlib.suppress(ImportError):

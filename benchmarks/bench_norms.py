@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_attention import report
+from bench_attention import kernel_backends, on_backend, report
 
 import fastattn
 
@@ -27,7 +27,8 @@ def _impls(kind: str) -> dict:
     else:
         ours = lambda x, w, b: fastattn.rms_norm(x, x.shape[-1:], w)  # noqa: E731
         ref = lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)  # noqa: E731
-    impls = {"fastattn": ours, "torch": ref}
+    impls = {name: on_backend(ours, backend) for name, backend in kernel_backends().items()}
+    impls["torch"] = ref
     if torch.cuda.is_available():
         impls["torch.compile"] = torch.compile(ref)
     impls.update(_peers(kind))
@@ -86,9 +87,8 @@ def run(hidden_sizes, rows, dtype) -> list[dict]:
             dy = torch.randn(rows, n, device=device, dtype=dtype)
             size = x.numel() * x.element_size()
             for name, fn in _impls(kind).items():
-                with fastattn.backend("triton" if device == "cuda" else "auto"):
-                    ms_f = _time(fn, x, w, b)
-                    ms_b = _time(fn, x, w, b, backward=dy)
+                ms_f = _time(fn, x, w, b)
+                ms_b = _time(fn, x, w, b, backward=dy)
                 row = dict(op=kind, impl=name, hidden=n, rows=rows, dtype=str(dtype).split(".")[-1])
                 row.update(fwd_ms=round(ms_f, 4), fwd_gbps=round(2 * size / ms_f * 1e-6, 1))
                 row.update(bwd_ms=round(ms_b, 4), bwd_gbps=round(3 * size / ms_b * 1e-6, 1))

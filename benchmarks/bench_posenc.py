@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_attention import report
+from bench_attention import kernel_backends, on_backend, report
 from bench_norms import _time
 
 import fastattn
@@ -21,18 +21,17 @@ from fastattn.ops.posenc_function import inv_freq, sinusoidal_table
 
 def run(tokens: int, d_models: list[int], dtype: torch.dtype) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "triton" if device == "cuda" else "auto"
     rows = []
     for d in d_models:
         x = torch.randn(tokens // 512, 512, d, device=device, dtype=dtype)
         table = sinusoidal_table(torch.arange(512, device=device), d).to(dtype)
         impls = {
-            "fastattn": lambda x=x: fastattn.sinusoidal_encoding(x),
-            "torch (table)": lambda x=x, table=table: x + table,
+            name: on_backend(lambda x=x: fastattn.sinusoidal_encoding(x), backend)
+            for name, backend in kernel_backends().items()
         }
+        impls["torch (table)"] = lambda x=x, table=table: x + table
         for name, fn in impls.items():
-            with fastattn.backend(backend):
-                ms = _time(fn)
+            ms = _time(fn)
             rows.append(dict(op="sinusoidal", impl=name, d=d, tokens=tokens, ms=round(ms, 4),
                              gbps=round(2 * x.numel() * x.element_size() / ms * 1e-6, 1)))  # fmt: skip
     n, h, e = tokens // 1024, 32, 128
@@ -48,10 +47,10 @@ def run(tokens: int, d_models: list[int], dtype: torch.dtype) -> list[dict]:
         x1, x2 = t[..., : e // 2], t[..., e // 2 :]
         return t * cos + torch.cat([-x2, x1], -1) * sin
 
-    impls = {"fastattn": lambda: fastattn.apply_rotary(q, k), "torch (tables)": lambda: (torch_rope(q), torch_rope(k))}
+    impls = {name: on_backend(lambda: fastattn.apply_rotary(q, k), b) for name, b in kernel_backends().items()}
+    impls["torch (tables)"] = lambda: (torch_rope(q), torch_rope(k))
     for name, fn in impls.items():
-        with fastattn.backend(backend):
-            ms = _time(fn)
+        ms = _time(fn)
         size = (q.numel() + k.numel()) * q.element_size()
         rows.append(
             dict(op="rotary", impl=name, d=e, tokens=tokens, ms=round(ms, 4), gbps=round(2 * size / ms * 1e-6, 1))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one go of under 8 minutes on one H200:
-# install, the whole test suite on CUDA, the benchmarks, and one Markdown results table.
+# install (building fastattn._C for sm_90a), the whole test suite on CUDA (both kernel backends), the
+# benchmarks of every op for the Triton and CUDA C++ backends against torch, and one Markdown results table.
 #   usage: benchmarks/device_check.sh OUT_DIR
 # Each step has its own time limit so that a hang in one still leaves the others' results.
 set -u
@@ -21,8 +22,9 @@ stamp "environment"
 cat "$tmp/env.txt"
 
 stamp "install"
-$py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$tmp/install.log" 2>&1 \
-  && echo "pip install -e . ok" || echo "pip install failed (see install.log); using PYTHONPATH"
+FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-90a} $py -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  > "$tmp/install.log" 2>&1 && echo "pip install -e . ok" || { echo "pip install failed:"; tail -n 30 "$tmp/install.log"; }
+$py -m fastattn.info | tee -a "$tmp/env.txt"
 
 stamp "tests on CUDA"
 xdist=""

@@ -1,8 +1,9 @@
-"""Backend choice: one place decides whether an op runs its Triton kernel or the PyTorch path.
+"""Backend choice: one place decides whether an op runs its CUDA C++ kernel, its Triton kernel or PyTorch.
 
-``auto`` takes Triton for CUDA tensors and PyTorch on the CPU; ``triton`` asks for the kernels everywhere
-they can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` always takes PyTorch.
-When the kernels cannot take a case, the PyTorch path runs and a one-time warning gives the reason.
+``auto`` takes Triton for CUDA tensors and PyTorch on the CPU; ``triton`` asks for the Triton kernels everywhere
+they can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``cuda`` asks for the CUDA C++
+kernels of ``fastattn._C`` (CUDA tensors only), then Triton for what they do not take; ``torch`` always takes
+PyTorch. Each step down (CUDA to Triton, Triton to PyTorch) gives its reason in a one-time warning.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import contextlib
 import contextvars
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cuda", "torch")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
 _warned: set[str] = set()
 
@@ -37,7 +38,8 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Context manager that selects the backend (``"auto"``, ``"triton"`` or ``"torch"``) in its block."""
+    """Context manager that selects the backend (``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``) in its
+    block."""
     token = _override.set(_check_name(name, "backend"))
     try:
         yield
@@ -58,19 +60,34 @@ def triton_available() -> str | None:
     return None
 
 
-def warn_once(op: str, reason: str) -> None:
-    """Warn once per (op, reason) that the PyTorch path runs instead of the kernel."""
-    key = f"{op}: {reason}"
+def warn_once(op: str, reason: str, instead: str = "the PyTorch path") -> None:
+    """Warn once per (op, reason) that ``instead`` runs rather than the kernel asked for."""
+    key = f"{op}: {instead}: {reason}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"fastattn.{op}: running the PyTorch path because {reason}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"fastattn.{op}: running {instead} because {reason}", RuntimeWarning, stacklevel=3)
+
+
+def use_cuda(op: str, device: torch.device, refusal: Callable[[], str | None]) -> bool:
+    """Whether ``op`` runs its CUDA C++ kernel: only under the ``cuda`` backend, when the extension runs on
+    ``device`` and ``refusal()`` (the kernel's own reason for not taking the case, or None) allows. Otherwise,
+    under ``cuda``, a one-time warning says why and the caller goes on to Triton."""
+    if current_backend() != "cuda":
+        return False
+    from .ops.cuda_ext import unavailable
+
+    why = unavailable(device) or refusal()
+    if why is not None:
+        warn_once(op, f"the CUDA kernels cannot run: {why}", instead="the Triton kernels")
+        return False
+    return True
 
 
 def use_triton(op: str, device: torch.device, refusal: str | None) -> bool:
     """Whether ``op`` runs its Triton kernel for tensors on ``device``.
 
     ``refusal`` is the kernel's own reason for not taking this case (None if it can). The reasons reach the
-    user as a one-time warning whenever the kernel was asked for (``triton``, or ``auto`` on CUDA)."""
+    user as a one-time warning whenever the kernel was asked for (``triton``, ``cuda``, or ``auto`` on CUDA)."""
     name = current_backend()
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return False

@@ -3,6 +3,8 @@ launchers allocate is poisoned with NaN first, so an element a kernel never writ
 
 import os
 
+import pytest
+
 # Both must be set before triton / fastattn are imported: triton.jit reads TRITON_INTERPRET at decoration.
 os.environ.setdefault("FASTATTN_POISON", "1")
 if os.environ.get("FASTATTN_TEST_DEVICE", "cpu") == "cpu":
@@ -14,3 +16,15 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _skip_cuda_backend_where_it_cannot_run(request):
+    """Cases parametrized with backend="cuda" skip, with the reason, where the CUDA kernels cannot run."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cuda":
+        from helpers import cuda_backend_skip
+
+        why = cuda_backend_skip()
+        if why is not None:
+            pytest.skip(why)

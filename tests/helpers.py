@@ -9,6 +9,19 @@ import torch
 # CPU machines test the kernels through TRITON_INTERPRET=1; a GPU run sets FASTATTN_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("FASTATTN_TEST_DEVICE", "cpu"))
 
+# Kernel backends under test; "cuda" cases skip (conftest) where the CUDA C++ kernels cannot run.
+BACKENDS = ["triton", "cuda", "torch"]
+
+
+def cuda_backend_skip() -> str | None:
+    """Why the CUDA C++ kernels cannot run in this test session, or None."""
+    if DEVICE.type != "cuda":
+        return "the CUDA C++ kernels run only on a GPU (this session tests on cpu; FASTATTN_TEST_DEVICE=cuda)"
+    from fastattn.ops.cuda_ext import unavailable
+
+    return unavailable(DEVICE)
+
+
 # Relative error ||out - ref|| / ||ref|| against a float64 reference. Low precision must also stay within
 # 2x the error of PyTorch's own op in the same dtype (plus this floor), as in flash-attention's tests.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close, randn, rel_err
+from helpers import BACKENDS, DEVICE, assert_close, randn, rel_err
 
 import fastattn
 from fastattn.ops.attention_launch import MaskSpec
 from fastattn.ops.attention_reference import attention_reference
-
-BACKENDS = ["triton", "torch"]
 
 
 def _grads(out, inputs, dout):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close, randn
+from helpers import BACKENDS, DEVICE, assert_close, randn
 
 import fastattn
 
@@ -50,7 +50,7 @@ def _check(fn, ref_fn, torch_fn, tensors, dtype):
         assert_close(g, w, dtype if i == 0 else tensors[i].dtype, t, f"grad {i}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 1), (7, 3), (5, 1000), (3, 4097), (33, 64)], ids=str)
 def test_layer_norm(rows, hidden, dtype, backend):
@@ -65,7 +65,7 @@ def test_layer_norm(rows, hidden, dtype, backend):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 1), (7, 3), (5, 1000), (3, 4097)], ids=str)
 def test_rms_norm(rows, hidden, dtype, backend):
@@ -111,7 +111,7 @@ def test_non_contiguous_rows():
     assert_close(out, ref_rms_norm(x.cpu(), w.cpu(), 1e-6), torch.float32, None, "out")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("hidden", [64, 1000], ids=str)
 def test_add_norm(kind, hidden, backend):

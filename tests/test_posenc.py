@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, randn
+from helpers import BACKENDS, DEVICE, assert_close, randn
 
 import fastattn
 
@@ -24,7 +24,7 @@ def formula_pe(positions: list[int], d: int) -> torch.Tensor:
     return pe
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,offset", [((1, 1), 0), ((7, 3), 5), ((2, 9, 13), 0), ((3, 40), 123)], ids=str)
 def test_sinusoidal_matches_formula(shape, offset, dtype, backend):
@@ -75,7 +75,7 @@ def formula_rotary(x: torch.Tensor, pos: torch.Tensor, rot: int, interleaved: bo
     return out
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_rotary_module_and_errors():
         fastattn.apply_rotary(q, randn(1, 2, 6, 8))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "L,S,interleaved,dim,dtype",
     [

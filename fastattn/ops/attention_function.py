@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_triton
+from .._backend import use_cuda, use_triton
+from .attention_cuda import CudaAttention, cuda_refusal, key_padding_mask
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -69,8 +70,11 @@ def attention_forward(
     alibi: torch.Tensor | None = None,
     rotary: RotarySpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` through the Triton kernels when the backend and the case allow, else through the
-    PyTorch reference (float32 compute for half inputs)."""
+    """``(out, lse)`` through the CUDA kernels (``cuda`` backend) or the Triton kernels when the backend and the
+    case allow, else through the PyTorch reference (float32 compute for half inputs)."""
+    if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary)):
+        seed = _dropout_seed() if dropout_p > 0.0 else 0
+        return CudaAttention.apply(q, k, v, key_padding_mask(bias), scale, mask, dropout_p, seed)
     if use_triton(op, q.device, triton_refusal(q, v)):
         return TritonAttention.apply(q, k, v, bias, scale, mask, dropout_p, alibi, rotary)
     if rotary is not None:

@@ -8,8 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._backend import use_triton
+from .._backend import use_cuda, use_triton
 from .attention_function import SUPPORTED_DTYPES, _dropout_seed
+from .norm_cuda import CudaNorm, cuda_refusal
 from .norm_launch import norm_bwd, norm_fwd
 
 
@@ -60,13 +61,17 @@ def norm_forward(
     dropout_p: float = 0.0,
     training: bool = True,
 ):
-    """``y`` (or ``(y, s)`` for the fused add) through the kernels when the backend allows, else torch's ops."""
+    """``y`` (or ``(y, s)`` for the fused add) through the CUDA or Triton kernels when the backend allows, else
+    torch's ops."""
     fused = residual is not None
     p = dropout_p if training else 0.0
+    w = None if weight is None else weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    n = math.prod(shape)
+    if use_cuda(op, x.device, lambda: cuda_refusal(x, weight, bias, n, fused)):
+        return CudaNorm.apply(x, w, b, n, eps, is_rms)
     if use_triton(op, x.device, _refusal(x, (weight, bias, residual))):
-        w = None if weight is None else weight.reshape(-1)
-        b = None if bias is None else bias.reshape(-1)
-        return TritonNorm.apply(x, residual, w, b, math.prod(shape), eps, is_rms, p if fused else 0.0)
+        return TritonNorm.apply(x, residual, w, b, n, eps, is_rms, p if fused else 0.0)
     if not fused:
         return _torch_norm(x, shape, weight, bias, eps, is_rms)
     s = F.dropout(x, p) + residual if p > 0.0 else x + residual

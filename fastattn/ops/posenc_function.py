@@ -7,7 +7,8 @@ import functools
 import torch
 import triton
 
-from .._backend import use_triton
+from .._backend import use_cuda, use_triton
+from . import posenc_cuda
 from .attention_function import SUPPORTED_DTYPES
 from .attention_launch import _new
 from .posenc_kernels import _rotary_kernel, _sinusoidal_kernel
@@ -94,42 +95,48 @@ def rotary_fwd(x, pos, offset, base, interleaved, rot, sign) -> torch.Tensor:
     return y.view(x.shape)
 
 
-class TritonSinusoidal(torch.autograd.Function):
+class Sinusoidal(torch.autograd.Function):
+    """``fwd`` is the launcher (Triton's or CUDA's); the gradient is ``dy * scale`` either way."""
+
     @staticmethod
-    def forward(ctx, x, offset: int, scale: float, base: float):
+    def forward(ctx, x, offset: int, scale: float, base: float, fwd):
         ctx.scale = scale
-        return sinusoidal_fwd(x, offset, scale, base)
+        return fwd(x, offset, scale, base)
 
     @staticmethod
     def backward(ctx, dy):
-        return dy * ctx.scale, None, None, None
+        return dy * ctx.scale, None, None, None, None
 
 
-class TritonRotary(torch.autograd.Function):
-    """The rotation is orthogonal: its backward is the rotation by the opposite angle."""
+class Rotary(torch.autograd.Function):
+    """The rotation is orthogonal: its backward is the rotation by the opposite angle (same launcher)."""
 
     @staticmethod
-    def forward(ctx, x, pos, offset: int, base: float, interleaved: bool, rot: int):
+    def forward(ctx, x, pos, offset: int, base: float, interleaved: bool, rot: int, fwd):
         ctx.save_for_backward(pos)
-        ctx.args = (offset, base, interleaved, rot)
-        return rotary_fwd(x, pos, offset, base, interleaved, rot, 1.0)
+        ctx.args, ctx.fwd = (offset, base, interleaved, rot), fwd
+        return fwd(x, pos, offset, base, interleaved, rot, 1.0)
 
     @staticmethod
     def backward(ctx, dy):
         (pos,) = ctx.saved_tensors
-        return rotary_fwd(dy, pos, *ctx.args, -1.0), None, None, None, None, None
+        return ctx.fwd(dy, pos, *ctx.args, -1.0), None, None, None, None, None, None
 
 
 def sinusoidal_forward(x: torch.Tensor, offset: int, scale: float, base: float) -> torch.Tensor:
+    if use_cuda("sinusoidal_encoding", x.device, lambda: _refusal(x)):
+        return Sinusoidal.apply(x, offset, scale, base, posenc_cuda.sinusoidal_fwd_cuda)
     if use_triton("sinusoidal_encoding", x.device, _refusal(x)):
-        return TritonSinusoidal.apply(x, offset, scale, base)
+        return Sinusoidal.apply(x, offset, scale, base, sinusoidal_fwd)
     pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
     return (x * scale + sinusoidal_table(pos, x.shape[-1], base).to(torch.float32)).to(x.dtype)
 
 
 def rotary_forward(x, pos, offset, base, interleaved, rot) -> torch.Tensor:
+    if use_cuda("apply_rotary", x.device, lambda: _refusal(x)):
+        return Rotary.apply(x, pos, offset, base, interleaved, rot, posenc_cuda.rotary_fwd_cuda)
     if use_triton("apply_rotary", x.device, _refusal(x)):
-        return TritonRotary.apply(x, pos, offset, base, interleaved, rot)
+        return Rotary.apply(x, pos, offset, base, interleaved, rot, rotary_fwd)
     if pos is None:
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device)[None]
     return rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32)

@@ -1,0 +1,124 @@
+"""Launchers and autograd of the CUDA C++ attention kernels (``csrc/attention_*.cu``), and which cases they take.
+
+They take what FlashAttention-2's kernels take: float16/bfloat16, head dim 64 or 128 (query and value alike),
+grouped-query heads, the visibility rule of ``MaskSpec`` (causal either alignment, sliding windows), a key
+padding mask (a bool mask broadcast over heads and queries), dropout with the Triton kernels' Philox stream,
+and the log-sum-exp. Everything else (float biases, other masks, ALiBi, fused rotary, other head dims, fp32)
+is for the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda_ext
+from .attention_launch import MaskSpec, RotarySpec, _new
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def key_padding_mask(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``(Z, S)`` bool view of ``bias`` when it is a key padding mask (broadcast over heads and queries,
+    unit stride along keys), else None."""
+    if bias is None or bias.dtype != torch.bool:
+        return None
+    if any(bias.shape[d] > 1 and bias.stride(d) != 0 for d in (1, 2)) or (bias.shape[3] > 1 and bias.stride(3) != 1):
+        return None
+    return bias[:, 0, 0, :]
+
+
+def cuda_refusal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    alibi: torch.Tensor | None,
+    rotary: RotarySpec | None,
+) -> str | None:
+    """Why the CUDA attention kernels cannot take this case, or None if they can."""
+    if q.dtype not in DTYPES:
+        return f"they take float16 and bfloat16, not {q.dtype}"
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
+        return f"they take head dims {HEAD_DIMS} for query and value alike (query {q.shape[-1]}, value {v.shape[-1]})"
+    if bias is not None and key_padding_mask(bias) is None:
+        return "of the masks they take only a bool key padding mask (broadcast over heads and queries)"
+    if alibi is not None:
+        return "ALiBi is not in them"
+    if rotary is not None:
+        return "fused rotary embeddings are not in them"
+    if not scale > 0.0:
+        return f"they take a positive scale, not {scale}"
+    if q.shape[0] * q.shape[1] > 65535:
+        return f"batch x heads ({q.shape[0] * q.shape[1]}) is above one grid dimension (65535)"
+    return None
+
+
+def _args(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int) -> list:
+    Z, H, L, E = q.shape
+    km = 0 if key_mask is None else key_mask.data_ptr()
+    km_stride = 0 if key_mask is None or key_mask.shape[0] == 1 else key_mask.stride(0)
+    return [
+        [Z, H, k.shape[1], L, k.shape[2], E],
+        scale,
+        [mask.offset, mask.left or 0, mask.right or 0],
+        [mask.left is not None, mask.right is not None],
+        0,  # per-batch key lengths: not used by these entry points (key padding comes as the mask)
+        km,
+        km_stride,
+        dropout_p,
+        seed,
+        0,
+        cuda_ext.DTYPE_CODES[q.dtype],
+    ]
+
+
+def _strides(*tensors: torch.Tensor) -> list:
+    return [list(t.stride()[:3]) for t in tensors]
+
+
+def attention_fwd_cuda(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float = 0.0, seed: int = 0):
+    """``out (Z, H, L, E)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log), by the CUDA kernel."""
+    q, k, v = (cuda_ext.aligned_rows(t) for t in (q, k, v))
+    Z, H, L, E = q.shape
+    out = _new((Z, H, L, E), q.dtype, q.device)
+    lse = _new((Z, H, L), torch.float32, q.device)
+    code = cuda_ext.ext().attention_forward(
+        tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
+        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed), cuda_ext.stream(q),
+    )  # fmt: skip
+    cuda_ext.check(code, "attention (CUDA forward)")
+    return out, lse
+
+
+def attention_bwd_cuda(do, q, k, v, out, lse, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int):
+    """``dq, dk, dv`` by the CUDA kernels (dQ through an fp32 buffer: its blocks add with atomics)."""
+    do, q, k, v, out = (cuda_ext.aligned_rows(t) for t in (do, q, k, v, out))
+    Z, H, L, E = q.shape
+    dq, dk, dv = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
+    delta = _new((Z, H, L), torch.float32, q.device)
+    dq_accum = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)
+    code = cuda_ext.ext().attention_backward(
+        tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
+        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed),
+        [cuda_ext.ptr(t) for t in (do, delta, dq_accum, dq, dk, dv)], _strides(do, dq, dk, dv), cuda_ext.stream(q),
+    )  # fmt: skip
+    cuda_ext.check(code, "attention (CUDA backward)")
+    return dq, dk, dv
+
+
+class CudaAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int):
+        out, lse = attention_fwd_cuda(q, k, v, key_mask, scale, mask, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, key_mask, out, lse)
+        ctx.args = (scale, mask, dropout_p, seed)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, key_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None

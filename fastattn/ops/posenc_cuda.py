@@ -1,0 +1,42 @@
+"""Launchers of the CUDA C++ positional encodings (``csrc/posenc.cu``): the same signatures as the Triton
+launchers in ``posenc_function``, so the autograd Functions there take either."""
+
+from __future__ import annotations
+
+import torch
+
+from . import cuda_ext
+from .attention_launch import _new
+
+
+def sinusoidal_fwd_cuda(x: torch.Tensor, offset: int, scale: float, base: float) -> torch.Tensor:
+    from .posenc_function import _rows, inv_freq
+
+    x2 = _rows(x)
+    y = _new(x2.shape, x.dtype, x.device)
+    L, D = x.shape[-2], x.shape[-1]
+    code = cuda_ext.ext().sinusoidal_forward(
+        x2.data_ptr(), y.data_ptr(), inv_freq((D + 1) // 2, D, base, x.device).data_ptr(), x2.shape[0], L, D,
+        x2.stride(0), y.stride(0), offset, scale, cuda_ext.DTYPE_CODES[x.dtype], cuda_ext.stream(x),
+    )  # fmt: skip
+    cuda_ext.check(code, "sinusoidal_encoding (CUDA)")
+    return y.view(x.shape)
+
+
+def rotary_fwd_cuda(x, pos, offset, base, interleaved, rot, sign) -> torch.Tensor:
+    """x (N, H, L, E); pos None or int64 (N|1, L)."""
+    from .posenc_function import _rows, inv_freq
+
+    N, H, L, E = x.shape
+    x2 = _rows(x)
+    y = _new(x2.shape, x.dtype, x.device)
+    if pos is not None:
+        pos = pos.contiguous()
+    pos_stride = pos.stride(0) if pos is not None and pos.shape[0] > 1 else 0
+    code = cuda_ext.ext().rotary_forward(
+        x2.data_ptr(), y.data_ptr(), cuda_ext.ptr(pos), inv_freq(max(rot // 2, 1), rot, base, x.device).data_ptr(),
+        x2.shape[0], H, L, E, rot, x2.stride(0), y.stride(0), pos_stride, offset, sign, interleaved,
+        cuda_ext.DTYPE_CODES[x.dtype], cuda_ext.stream(x),
+    )  # fmt: skip
+    cuda_ext.check(code, "apply_rotary (CUDA)")
+    return y.view(x.shape)
