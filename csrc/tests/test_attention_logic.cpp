@@ -134,25 +134,17 @@ static void check_acc(const Acc& acc, int nt, F expected, const char* what) {
   CHECK(bad == 0, "%s: %d of %d elements wrong", what, bad, 32 * nt * 4);
 }
 
-// Accumulator -> A fragments of the next GEMM, by the kernels' acc_to_a_with.
-static ARegs to_a(const Acc& acc, int nt) {
+// Accumulator (16 x 8*NT) -> A fragments of the next GEMM, by the kernels' acc_to_a_with.
+template <int NT>
+static ARegs to_a(const Acc& acc) {
   ARegs regs(32);
   for (int lane = 0; lane < 32; ++lane) {
-    float in[16][4];
-    Reg out[8][4];
-    for (int t = 0; t < nt; ++t)
+    float in[NT][4];
+    Reg out[NT / 2][4];
+    for (int t = 0; t < NT; ++t)
       for (int e = 0; e < 4; ++e) in[t][e] = acc[lane][t][e];
-    if (nt == 16) acc_to_a_with<16>(out, in, [](float lo, float hi) { return Reg{lo, hi}; });
-    if (nt == 8) {
-      float in8[8][4];
-      Reg out4[4][4];
-      for (int t = 0; t < 8; ++t)
-        for (int e = 0; e < 4; ++e) in8[t][e] = in[t][e];
-      acc_to_a_with<8>(out4, in8, [](float lo, float hi) { return Reg{lo, hi}; });
-      for (int k = 0; k < 4; ++k)
-        for (int r = 0; r < 4; ++r) out[k][r] = out4[k][r];
-    }
-    for (int k = 0; k < nt / 2 && k < 4; ++k)
+    acc_to_a_with<NT>(out, in, [](float lo, float hi) { return Reg{lo, hi}; });
+    for (int k = 0; k < NT / 2; ++k)
       for (int r = 0; r < 4; ++r) regs[lane][k][r] = out[k][r];
   }
   return regs;
@@ -160,7 +152,7 @@ static ARegs to_a(const Acc& acc, int nt) {
 
 static void check_gemm_shapes() {
   std::mt19937 gen(1);
-  const int D = 64, N = 64, ldd = padded(D);  // head dim 64, 64 keys, padded rows as in shared memory
+  constexpr int D = 64, N = 64, ldd = padded(D);  // head dim 64, 64 keys, padded rows as in shared memory
   // Forward: S = Q K^T (Q rows [m][d], K rows [n][d]).
   auto q = random_matrix(gen, 16, D, ldd), k = random_matrix(gen, N, D, ldd);
   Acc s(32);
@@ -173,7 +165,7 @@ static void check_gemm_shapes() {
   for (int lane = 0; lane < 32; ++lane)
     for (int t = 0; t < 8; ++t)
       for (int e = 0; e < 4; ++e) p[lane][t][e] = float((lane * 7 + t * 3 + e) % 5 - 2);
-  auto pa = to_a(p, N / 8);
+  auto pa = to_a<N / 8>(p);
   Acc o(32);
   warp_mma(o, N / 16, D / 8, &pa, {}, {&v, 0, ldd, true});
   auto p_at = [&](int i, int j) {  // P's element (i, j) from the fragments
@@ -186,27 +178,24 @@ static void check_gemm_shapes() {
     float r = 0; for (int j = 0; j < N; ++j) r += p_at(i, j) * at(v, ldd, j, d); return r; }, "O = P V");
   // Backward dQ = dS K with dS^T stored [key][query] (A with .trans) and K [key][d] (B with .trans); the
   // dS^T store uses a_row/a_col of registers made by acc_to_a_with.
-  const int BM = 16, lds = padded(BM);
+  constexpr int BM = 16, lds = padded(BM);
   std::vector<float> sds(size_t(N) * lds, 1e9f);
   for (int w = 0; w < N / 16; ++w) {  // each warp's 16 keys x BM queries of dS^T
     Acc dst(32);
     for (int lane = 0; lane < 32; ++lane)
       for (int t = 0; t < BM / 8; ++t)
         for (int e = 0; e < 4; ++e) dst[lane][t][e] = float((w * 31 + lane * 5 + t * 3 + e) % 7 - 3);
-    float in[2][4];
-    for (int lane = 0; lane < 32; ++lane) {
-      for (int t = 0; t < 2; ++t)
-        for (int e = 0; e < 4; ++e) in[t][e] = dst[lane][t][e];
-      Reg regs[1][4];
-      acc_to_a_with<2>(regs, in, [](float lo, float hi) { return Reg{lo, hi}; });
+    const ARegs regs = to_a<BM / 8>(dst);
+    for (int lane = 0; lane < 32; ++lane)
       for (int reg = 0; reg < 4; ++reg)
         for (int h = 0; h < 2; ++h) {
           const int row = w * 16 + a_row(lane, reg), col = a_col(lane, 0, reg) + h;
-          sds[size_t(row) * lds + col] = regs[0][reg][h];
+          sds[size_t(row) * lds + col] = regs[lane][0][reg][h];
           // The register must hold accumulator element (row, col) of dS^T.
-          CHECK(acc_row(lane, (reg & 1) * 2 + h) + w * 16 == row, "a_row map");
+          const int e = (reg & 1) * 2 + h, nt = reg >> 1;
+          CHECK(acc_row(lane, e) + w * 16 == row && acc_col(lane, nt, e) == col, "a_row/a_col map");
+          CHECK(regs[lane][0][reg][h] == dst[lane][nt][e], "acc_to_a_with order");
         }
-    }
   }
   Acc dq(32);
   warp_mma(dq, N / 16, D / 8, nullptr, {&sds, 0, lds, true}, {&k, 0, ldd, true});
@@ -219,15 +208,7 @@ static void check_gemm_shapes() {
   for (int lane = 0; lane < 32; ++lane)
     for (int t = 0; t < 2; ++t)
       for (int e = 0; e < 4; ++e) pt[lane][t][e] = float((lane + t * 11 + e * 2) % 5 - 2);
-  ARegs pta(32);
-  for (int lane = 0; lane < 32; ++lane) {
-    float in[2][4];
-    Reg regs[1][4];
-    for (int t = 0; t < 2; ++t)
-      for (int e = 0; e < 4; ++e) in[t][e] = pt[lane][t][e];
-    acc_to_a_with<2>(regs, in, [](float lo, float hi) { return Reg{lo, hi}; });
-    for (int r = 0; r < 4; ++r) pta[lane][0][r] = regs[0][r];
-  }
+  const ARegs pta = to_a<BM / 8>(pt);
   Acc dv(32);
   warp_mma(dv, BM / 16, D / 8, &pta, {}, {&dout, 0, ldd, true});
   check_acc(dv, D / 8, [&](int j, int d) {
