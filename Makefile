@@ -1,8 +1,8 @@
-# Two entry points (README): `make demo` and `make test`. Each sets up .venv on a fresh machine first.
+# Entry points (README): `make bench` (the main job), `make demo` and `make test`. Each sets up .venv first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup bench demo test lint
 
 setup: $(VENV)/.installed
 
@@ -12,6 +12,9 @@ $(VENV)/.installed: requirements-cpu.txt pyproject.toml setup.py
 	$(PY) -m pip install -q -r requirements-cpu.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+bench: setup
+	$(VENV)/bin/fastattn-bench e2e --quick --out bench-results --plot bench-results
 
 demo: setup
 	$(PY) benchmarks/bench_attention.py
