@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one go of under 8 minutes on one H200:
 # install (building fastattn._C for sm_90a), the whole test suite on CUDA (both kernel backends), the
-# benchmarks of every op for the Triton and CUDA C++ backends against torch, and one Markdown results table.
+# benchmarks of every op for the Triton and CUDA C++ backends against torch, the end-to-end model speed
+# (fastattn-bench e2e --quick), and one Markdown results table.
 #   usage: benchmarks/device_check.sh OUT_DIR
 # Each step has its own time limit so that a hang in one still leaves the others' results.
 set -u
@@ -29,24 +30,30 @@ $py -m fastattn.info | tee -a "$tmp/env.txt"
 stamp "tests on CUDA"
 xdist=""
 $py -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-16}"  # compiling kernels is the long pole
-FASTATTN_TEST_DEVICE=cuda FASTATTN_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-270} $py -m pytest -q $xdist -p no:cacheprovider tests \
+FASTATTN_TEST_DEVICE=cuda FASTATTN_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-200} $py -m pytest -q $xdist -p no:cacheprovider tests \
   > "$out/tests.log" 2>&1
 echo "tests exit code $?" >> "$out/tests.log"
 tail -n 3 "$out/tests.log"
 
 stamp "benchmarks"
-# Three lengths keep the run inside 8 minutes: autotuning compiles every candidate of each new shape class.
-timeout ${BENCH_TIMEOUT:-240} $py benchmarks/bench_attention.py ${BENCH_ARGS:---seqlens 1024,4096,16384} --out "$out" \
+# Two lengths keep the run inside 8 minutes: autotuning compiles every candidate of each new shape class.
+timeout ${BENCH_TIMEOUT:-150} $py benchmarks/bench_attention.py ${BENCH_ARGS:---seqlens 4096,16384} --out "$out" \
   > "$out/bench.log" 2>&1
 echo "bench exit code $?" >> "$out/bench.log"
 
 stamp "norm benchmarks"
 {
-  timeout ${NORM_BENCH_TIMEOUT:-60} $py benchmarks/bench_norms.py --out "$tmp"
+  timeout ${NORM_BENCH_TIMEOUT:-45} $py benchmarks/bench_norms.py --out "$tmp"
   echo "norm bench exit code $?"
   timeout ${POSENC_BENCH_TIMEOUT:-30} $py benchmarks/bench_posenc.py
   echo "posenc bench exit code $?"
 } > "$out/bench_norms.log" 2>&1
+
+stamp "end-to-end models"
+# Autotuning off: the first config that fits, so that new shapes do not compile every candidate here.
+FASTATTN_AUTOTUNE=0 timeout ${E2E_TIMEOUT:-90} $py -m fastattn.bench e2e --quick --no-compile --out "$tmp/e2e" \
+  > "$out/e2e.log" 2>&1
+echo "e2e exit code $?" >> "$out/e2e.log"
 
 stamp "results table"
 {
@@ -69,6 +76,10 @@ stamp "results table"
   echo "## Norms and positional encodings (GB/s of minimal bytes)"
   echo
   cat "$out/bench_norms.log"
+  echo
+  echo "## End-to-end models (fastattn-bench e2e --quick)"
+  echo
+  cat "$tmp/e2e/e2e.md" 2>/dev/null || tail -n 20 "$out/e2e.log"
 } > "$out/results.md"
 cat "$out/results.md"
 stamp "done"
