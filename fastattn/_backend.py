@@ -27,9 +27,10 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend in force: the innermost ``fastattn.backend(...)`` context, else ``FASTATTN_BACKEND``,
-    else ``"auto"``."""
+    else ``"auto"``. Under ``torch.compile`` it is read once, when the function is traced."""
     name = _override.get()
     if name is not None:
         return name
@@ -47,10 +48,12 @@ def backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> str | None:
     """None if Triton imports here, else why not."""
     try:

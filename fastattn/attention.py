@@ -90,6 +90,17 @@ def _check_mask(api: str, exc: type[Exception], name: str, mask, q: torch.Tensor
     return mask.expand(scores)
 
 
+def _autocast(*tensors):
+    """Under autocast, the floating inputs in the autocast dtype, as torch's SDPA takes them (it is on the
+    lower-precision list of CUDA and CPU autocast); otherwise the inputs unchanged."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dtype) if t is not None and t.dtype in castable else t for t in tensors)
+
+
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
     """(..., H, L, E) -> (Z, H, L, E) as a view where strides allow; 2-D/3-D get unit batch/head dims."""
     if x.dim() == 2:
@@ -132,6 +143,7 @@ def scaled_dot_product_attention(
     H be a multiple of H_kv. Fully masked rows give 0, as torch does. Errors are torch's classes.
     """
     _check_qkv(_SDPA, RuntimeError, query, key, value)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     p = _check_dropout(_SDPA, RuntimeError, dropout_p, upper_inclusive=True)
     scale_f = _check_scale(_SDPA, scale, query.shape[-1])
     S = key.shape[-2]
@@ -227,6 +239,7 @@ def attention(
     """
     api = "attention"
     _check_qkv(api, ValueError, q, k, v)
+    q, k, v, bias = _autocast(q, k, v, bias)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise ValueError(f"{api}: q, k and v must be 4-D (N, H, L, E); got {shapes}")

@@ -106,19 +106,3 @@ def attention_bwd_cuda(do, q, k, v, out, lse, key_mask, scale: float, mask: Mask
     )  # fmt: skip
     cuda_ext.check(code, "attention (CUDA backward)")
     return dq, dk, dv
-
-
-class CudaAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int):
-        out, lse = attention_fwd_cuda(q, k, v, key_mask, scale, mask, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, key_mask, out, lse)
-        ctx.args = (scale, mask, dropout_p, seed)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, key_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None

@@ -1,4 +1,6 @@
-"""The attention op as an autograd Function over the Triton launchers, and the backend dispatch.
+"""The attention op, ``fastattn::attention_fwd`` / ``attention_bwd`` (torch.library custom ops with fake
+implementations and registered autograd, so ``torch.compile`` traces them), over the Triton and CUDA
+launchers; and the backend dispatch.
 
 Canonical layout here: q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``, v ``(Z, H_kv, S, Ev)``, ``bias`` None or a
 ``(Z, H, L, S)`` view (broadcast strides allowed), float or bool. The public functions in
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import use_cuda, use_triton
-from .attention_cuda import CudaAttention, cuda_refusal, key_padding_mask
+from .attention_cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -27,35 +29,92 @@ def triton_refusal(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def _dropout_seed() -> int:
-    # From torch's default CPU generator: reproducible under torch.manual_seed, and no device sync.
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+def dropout_seed(dropout_p: float) -> torch.Tensor:
+    """The Philox seed of one call, as a 0-d int64 CPU tensor: drawn from torch's default CPU generator
+    (reproducible under ``torch.manual_seed``, no device sync), and a tensor so that ``torch.compile`` neither
+    specializes on it nor breaks the graph to read it."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)
 
 
-class TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float, mask: MaskSpec, dropout_p: float, alibi=None, rotary=None):
-        seed = _dropout_seed() if dropout_p > 0.0 else 0
-        out, lse = attention_fwd(q, k, v, bias, scale, mask, dropout_p, seed, alibi=alibi, rotary=rotary)
-        ctx.save_for_backward(q, k, v, bias, out, lse, alibi)
-        ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed, ctx.rotary = scale, mask, dropout_p, seed, rotary
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset):
+    rot = RotarySpec(rot_dim, rot_base, rot_interleaved, rot_offset) if rot_dim else None
+    return MaskSpec(offset, left, right), rot
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, bias, out, lse, alibi = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        rot = ctx.rotary
-        if rot is not None:  # the backward kernels take rotated q/k; their gradients turn back afterwards
-            q, k = _rotate(q, rot, _q_offset(rot, q, k), 1.0), _rotate(k, rot, rot.offset, 1.0)
-        dq, dk, dv, dbias = attention_bwd(
-            dout, q, k, v, out, lse, bias, ctx.scale, ctx.mask, ctx.dropout_p, ctx.seed, bias_grad=bias_grad,
-            alibi=alibi,
-        )  # fmt: skip
-        if rot is not None:
-            dq, dk = _rotate(dq, rot, _q_offset(rot, q, k), -1.0), _rotate(dk, rot, rot.offset, -1.0)
-        return dq, dk, dv, dbias, None, None, None, None, None
+
+# The op's arguments after the tensors: scale, visibility (offset, left, right), dropout_p, the rotary spec
+# (dim 0 = none, base, interleaved, offset) and the kernel backend ("triton" or "cuda").
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+    seed: torch.Tensor, scale: float, offset: int, left: int | None, right: int | None, dropout_p: float,
+    rot_dim: int, rot_base: float, rot_interleaved: bool, rot_offset: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(out, lse)`` by the Triton or CUDA kernels (canonical layout, see the module docstring)."""
+    mask, rot = _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset)
+    s = int(seed.item())
+    if backend == "cuda":
+        return attention_fwd_cuda(q, k, v, key_padding_mask(bias), scale, mask, dropout_p, s)
+    return attention_fwd(q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, bias, alibi, seed, scale, offset, left, right, dropout_p, rot_dim, rot_base, rot_interleaved,
+      rot_offset, backend):  # fmt: skip
+    Z, H, L, _ = q.shape
+    return q.new_empty((Z, H, L, v.shape[-1])), q.new_empty((Z, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor, scale: float, offset: int,
+    left: int | None, right: int | None, dropout_p: float, rot_dim: int, rot_base: float, rot_interleaved: bool,
+    rot_offset: int, backend: str, bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv, dbias)``; dbias is the float32 ``(Z, H, L, S)`` score gradient when ``bias_grad``, else
+    an empty tensor."""
+    mask, rot = _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset)
+    s = int(seed.item())
+    if backend == "cuda":
+        dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask(bias), scale, mask, dropout_p, s)
+        return dq, dk, dv, q.new_empty(0)
+    if rot is not None:  # the backward kernels take rotated q/k; their gradients turn back afterwards
+        q, k = _rotate(q, rot, _q_offset(rot, q, k), 1.0), _rotate(k, rot, rot.offset, 1.0)
+    dq, dk, dv, dbias = attention_bwd(
+        dout, q, k, v, out, lse, bias, scale, mask, dropout_p, s, bias_grad=bias_grad, alibi=alibi
+    )
+    if rot is not None:
+        dq, dk = _rotate(dq, rot, _q_offset(rot, q, k), -1.0), _rotate(dk, rot, rot.offset, -1.0)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, bias, alibi, seed, scale, offset, left, right, dropout_p, rot_dim, rot_base,
+      rot_interleaved, rot_offset, backend, bias_grad):  # fmt: skip
+    Z, H, L, _ = q.shape
+    dbias = q.new_empty((Z, H, L, k.shape[2]), dtype=torch.float32) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, alibi, seed, *args = inputs
+    ctx.save_for_backward(q, k, v, bias, alibi, seed, *output)
+    ctx.args = args
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, alibi, seed, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.fastattn.attention_bwd(
+        dout, q, k, v, out, lse, bias, alibi, seed, *ctx.args, bias_grad
+    )
+    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 12
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_forward(
@@ -71,12 +130,19 @@ def attention_forward(
     rotary: RotarySpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through the CUDA kernels (``cuda`` backend) or the Triton kernels when the backend and the
-    case allow, else through the PyTorch reference (float32 compute for half inputs)."""
+    case allow (the ``fastattn::attention_fwd`` op), else through the PyTorch reference (float32 compute for
+    half inputs)."""
+    backend = None
     if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary)):
-        seed = _dropout_seed() if dropout_p > 0.0 else 0
-        return CudaAttention.apply(q, k, v, key_padding_mask(bias), scale, mask, dropout_p, seed)
-    if use_triton(op, q.device, triton_refusal(q, v)):
-        return TritonAttention.apply(q, k, v, bias, scale, mask, dropout_p, alibi, rotary)
+        backend = "cuda"
+    elif use_triton(op, q.device, triton_refusal(q, v)):
+        backend = "triton"
+    if backend is not None:
+        rot = rotary or RotarySpec(0)
+        return torch.ops.fastattn.attention_fwd(
+            q, k, v, bias, alibi, dropout_seed(dropout_p), scale, mask.offset, mask.left, mask.right, dropout_p,
+            rot.dim, rot.base, rot.interleaved, rot.offset, backend,
+        )  # fmt: skip
     if rotary is not None:
         q, k = (
             _rotate(q, rotary, _q_offset(rotary, q, k), 1.0, kernel=False),

@@ -79,20 +79,3 @@ def norm_bwd_cuda(dy, x, n: int, weight, bias, mean, rstd, is_rms: bool):
     dweight = None if dw is None else dw.sum(0).to(weight.dtype)
     dbias = None if db is None else db.sum(0).to(bias.dtype)
     return dx.view(x.shape), dweight, dbias
-
-
-class CudaNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, n: int, eps: float, is_rms: bool):
-        y, mean, rstd = norm_fwd_cuda(x, n, weight, bias, eps, is_rms)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.n, ctx.is_rms = n, is_rms
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = norm_bwd_cuda(dy, x, ctx.n, weight, bias, mean, rstd, ctx.is_rms)
-        dw = None if dw is None else dw.view(weight.shape)
-        db = None if db is None else db.view(bias.shape)
-        return dx, dw, db, None, None, None

@@ -1,5 +1,5 @@
-"""Layer norm / RMSNorm (optionally after ``dropout(x) + residual``) as an autograd Function over the Triton
-launchers, and the dispatch between it and PyTorch's own ops."""
+"""Layer norm / RMSNorm (optionally after ``dropout(x) + residual``) as the custom ops ``fastattn::norm_fwd`` /
+``norm_bwd`` over the Triton and CUDA launchers, and the dispatch between them and PyTorch's own ops."""
 
 from __future__ import annotations
 
@@ -9,30 +9,81 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import use_cuda, use_triton
-from .attention_function import SUPPORTED_DTYPES, _dropout_seed
-from .norm_cuda import CudaNorm, cuda_refusal
+from .attention_function import SUPPORTED_DTYPES, dropout_seed
+from .norm_cuda import cuda_refusal, norm_bwd_cuda, norm_fwd_cuda
 from .norm_launch import norm_bwd, norm_fwd
 
 
-class TritonNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, n: int, eps: float, is_rms: bool, dropout_p: float):
-        seed = _dropout_seed() if dropout_p > 0.0 else 0
-        y, s, mean, rstd = norm_fwd(x, n, weight, bias, eps, is_rms, residual, dropout_p, seed)
-        ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
-        ctx.n, ctx.is_rms, ctx.dropout_p, ctx.seed = n, is_rms, dropout_p, seed
-        ctx.has_residual = residual is not None
-        return y if s is None else (y, s)
+# Layer norm / RMSNorm over the trailing n elements, optionally of dropout(x) + residual (the Triton kernels
+# only). Returns (y, s, mean, rstd): s is the fused sum (an empty tensor when there is none).
+@torch.library.custom_op("fastattn::norm_fwd", mutates_args=())
+def norm_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+    seed: torch.Tensor, n: int, eps: float, is_rms: bool, dropout_p: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    if backend == "cuda":
+        y, mean, rstd = norm_fwd_cuda(x, n, weight, bias, eps, is_rms)
+        return y, x.new_empty(0), mean, rstd
+    y, s, mean, rstd = norm_fwd(x, n, weight, bias, eps, is_rms, residual, dropout_p, int(seed.item()))
+    return y, (x.new_empty(0) if s is None else s), mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy, ds_out=None):
-        s, weight, bias, mean, rstd = ctx.saved_tensors
+
+@norm_fwd_op.register_fake
+def _(x, residual, weight, bias, seed, n, eps, is_rms, dropout_p, backend):
+    rows = x.numel() // n
+    fused = residual is not None or dropout_p > 0.0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty(x.shape), (x.new_empty(x.shape) if fused else x.new_empty(0)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastattn::norm_bwd", mutates_args=())
+def norm_bwd_op(
+    dy: torch.Tensor, ds_out: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor, n: int, is_rms: bool,
+    has_residual: bool, dropout_p: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dx, dresidual, dweight, dbias)``, empty tensors for those that do not exist."""
+    if backend == "cuda":
+        dx, dw, db = norm_bwd_cuda(dy, s, n, weight, bias, mean, rstd, is_rms)
+        dr = None
+    else:
         dx, dr, dw, db = norm_bwd(
-            dy, s, ctx.n, weight, bias, mean, rstd, ctx.is_rms, ds_out, ctx.has_residual, ctx.dropout_p, ctx.seed
+            dy, s, n, weight, bias, mean, rstd, is_rms, ds_out, has_residual, dropout_p, int(seed.item())
         )
-        dw = None if dw is None else dw.view(weight.shape)
-        db = None if db is None else db.view(bias.shape)
-        return dx, dr, dw, db, None, None, None, None
+    # A fresh empty tensor for each missing output: custom-op outputs may not alias one another.
+    return tuple(s.new_empty(0) if t is None else t for t in (dx, dr, dw, db))
+
+
+@norm_bwd_op.register_fake
+def _(dy, ds_out, s, weight, bias, mean, rstd, seed, n, is_rms, has_residual, dropout_p, backend):
+    return (
+        s.new_empty(s.shape), s.new_empty(s.shape) if has_residual else s.new_empty(0),
+        s.new_empty(0) if weight is None else weight.new_empty(weight.shape),
+        s.new_empty(0) if bias is None else bias.new_empty(bias.shape),
+    )  # fmt: skip
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, seed, n, eps, is_rms, dropout_p, backend = inputs
+    y, s, mean, rstd = output
+    ctx.fused = residual is not None or dropout_p > 0.0
+    ctx.save_for_backward(s if ctx.fused else x, weight, bias, mean, rstd, seed)
+    ctx.args = (n, is_rms, residual is not None, dropout_p, backend)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _norm_backward(ctx, dy, ds_out, _dmean, _drstd):
+    s, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dr, dw, db = torch.ops.fastattn.norm_bwd(
+        dy, ds_out if ctx.fused else None, s, weight, bias, mean, rstd, seed, *ctx.args
+    )
+    has_residual = ctx.args[2]
+    return (
+        dx, dr if has_residual else None, None if weight is None else dw, None if bias is None else db,
+    ) + (None,) * 6  # fmt: skip
+
+
+norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup_context)
 
 
 def _refusal(x: torch.Tensor, params) -> str | None:
@@ -41,6 +92,15 @@ def _refusal(x: torch.Tensor, params) -> str | None:
     if any(p is not None and p.dtype not in SUPPORTED_DTYPES for p in params):
         return "weight and bias must be float16, bfloat16 or float32 for the kernels"
     return None
+
+
+def _autocast_dtype(x: torch.Tensor, shape, is_rms: bool) -> torch.dtype | None:
+    """Under autocast, the dtype torch's own op would compute in (CUDA puts layer norm on its float32 list; CPU
+    autocast leaves norms alone), read off torch's op on an empty tensor; None without autocast."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    probe = x.new_empty((0, *shape))
+    return (F.rms_norm(probe, shape) if is_rms else F.layer_norm(probe, shape)).dtype
 
 
 def _torch_norm(x, shape, weight, bias, eps, is_rms):
@@ -65,13 +125,22 @@ def norm_forward(
     torch's ops."""
     fused = residual is not None
     p = dropout_p if training else 0.0
+    target = _autocast_dtype(x, shape, is_rms)
+    if target is not None and target != x.dtype:
+        x, residual = x.to(target), None if residual is None else residual.to(target)
+        weight, bias = (None if t is None or t.dtype == torch.float32 else t.to(target) for t in (weight, bias))
     w = None if weight is None else weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     n = math.prod(shape)
+    backend = None
     if use_cuda(op, x.device, lambda: cuda_refusal(x, weight, bias, n, fused)):
-        return CudaNorm.apply(x, w, b, n, eps, is_rms)
-    if use_triton(op, x.device, _refusal(x, (weight, bias, residual))):
-        return TritonNorm.apply(x, residual, w, b, n, eps, is_rms, p if fused else 0.0)
+        backend = "cuda"
+    elif use_triton(op, x.device, _refusal(x, (weight, bias, residual))):
+        backend = "triton"
+    if backend is not None:
+        q = p if fused else 0.0
+        y, s, _, _ = torch.ops.fastattn.norm_fwd(x, residual, w, b, dropout_seed(q), n, eps, is_rms, q, backend)
+        return (y, s) if fused else y
     if not fused:
         return _torch_norm(x, shape, weight, bias, eps, is_rms)
     s = F.dropout(x, p) + residual if p > 0.0 else x + residual

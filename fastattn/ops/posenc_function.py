@@ -1,4 +1,5 @@
-"""Launchers and autograd of the positional encodings, their PyTorch references, and the dispatch."""
+"""Launchers and custom ops (``fastattn::sinusoidal``, ``fastattn::rotary``) of the positional encodings, their
+PyTorch references, and the dispatch."""
 
 from __future__ import annotations
 
@@ -95,48 +96,68 @@ def rotary_fwd(x, pos, offset, base, interleaved, rot, sign) -> torch.Tensor:
     return y.view(x.shape)
 
 
-class Sinusoidal(torch.autograd.Function):
-    """``fwd`` is the launcher (Triton's or CUDA's); the gradient is ``dy * scale`` either way."""
-
-    @staticmethod
-    def forward(ctx, x, offset: int, scale: float, base: float, fwd):
-        ctx.scale = scale
-        return fwd(x, offset, scale, base)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy * ctx.scale, None, None, None, None
+@torch.library.custom_op("fastattn::sinusoidal", mutates_args=())
+def sinusoidal_op(x: torch.Tensor, offset: int, scale: float, base: float, backend: str) -> torch.Tensor:
+    """``x * scale + PE(offset + l)`` by the Triton or CUDA kernel; its gradient is ``dy * scale``."""
+    fwd = posenc_cuda.sinusoidal_fwd_cuda if backend == "cuda" else sinusoidal_fwd
+    return fwd(x, offset, scale, base)
 
 
-class Rotary(torch.autograd.Function):
-    """The rotation is orthogonal: its backward is the rotation by the opposite angle (same launcher)."""
+# Outputs are fresh contiguous tensors whatever the input strides; the fakes say the same.
+sinusoidal_op.register_fake(lambda x, offset, scale, base, backend: x.new_empty(x.shape))
 
-    @staticmethod
-    def forward(ctx, x, pos, offset: int, base: float, interleaved: bool, rot: int, fwd):
-        ctx.save_for_backward(pos)
-        ctx.args, ctx.fwd = (offset, base, interleaved, rot), fwd
-        return fwd(x, pos, offset, base, interleaved, rot, 1.0)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (pos,) = ctx.saved_tensors
-        return ctx.fwd(dy, pos, *ctx.args, -1.0), None, None, None, None, None, None
+def _sinusoidal_setup(ctx, inputs, output):
+    ctx.scale = inputs[2]
+
+
+sinusoidal_op.register_autograd(
+    lambda ctx, dy: (dy * ctx.scale, None, None, None, None), setup_context=_sinusoidal_setup
+)
+
+
+@torch.library.custom_op("fastattn::rotary", mutates_args=())
+def rotary_op(
+    x: torch.Tensor, pos: torch.Tensor | None, offset: int, base: float, interleaved: bool, rot: int, sign: float,
+    backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """x (N, H, L, E) turned by ``sign`` times the rotary angles. The rotation is orthogonal: its backward is
+    the same op with the opposite sign."""
+    fwd = posenc_cuda.rotary_fwd_cuda if backend == "cuda" else rotary_fwd
+    return fwd(x, pos, offset, base, interleaved, rot, sign)
+
+
+rotary_op.register_fake(lambda x, pos, offset, base, interleaved, rot, sign, backend: x.new_empty(x.shape))
+
+
+def _rotary_setup(ctx, inputs, output):
+    x, pos, offset, base, interleaved, rot, sign, backend = inputs
+    ctx.save_for_backward(pos)
+    ctx.args = (offset, base, interleaved, rot, -sign, backend)
+
+
+def _rotary_backward(ctx, dy):
+    (pos,) = ctx.saved_tensors
+    return (torch.ops.fastattn.rotary(dy, pos, *ctx.args),) + (None,) * 7
+
+
+rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 def sinusoidal_forward(x: torch.Tensor, offset: int, scale: float, base: float) -> torch.Tensor:
     if use_cuda("sinusoidal_encoding", x.device, lambda: _refusal(x)):
-        return Sinusoidal.apply(x, offset, scale, base, posenc_cuda.sinusoidal_fwd_cuda)
+        return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "cuda")
     if use_triton("sinusoidal_encoding", x.device, _refusal(x)):
-        return Sinusoidal.apply(x, offset, scale, base, sinusoidal_fwd)
+        return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "triton")
     pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
     return (x * scale + sinusoidal_table(pos, x.shape[-1], base).to(torch.float32)).to(x.dtype)
 
 
 def rotary_forward(x, pos, offset, base, interleaved, rot) -> torch.Tensor:
     if use_cuda("apply_rotary", x.device, lambda: _refusal(x)):
-        return Rotary.apply(x, pos, offset, base, interleaved, rot, posenc_cuda.rotary_fwd_cuda)
+        return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "cuda")
     if use_triton("apply_rotary", x.device, _refusal(x)):
-        return Rotary.apply(x, pos, offset, base, interleaved, rot, rotary_fwd)
+        return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "triton")
     if pos is None:
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device)[None]
     return rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32)

@@ -1,0 +1,138 @@
+"""Ring attention (fastattn.distributed) and data-parallel training on torch.distributed, on the CPU with the
+gloo backend: 2 and 4 processes, each bounded by a timeout. Outputs and gradients must equal single-process
+attention (or training) on the gathered sequence (or batch)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(fn, world: int, *args) -> None:
+    """Spawn ``world`` processes running ``fn(rank, world, port, errors_dir, *args)``; fail with the first
+    error any rank raised, or when they are not done within the timeout."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as errors:
+        ctx = mp.start_processes(_entry, args=(fn, world, port, errors, args), nprocs=world, join=False,
+                                 start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{fn.__name__}: {world} processes not done within {TIMEOUT_S} s")
+        except mp.ProcessRaisedException as exc:
+            pytest.fail(f"{fn.__name__} failed on a rank:\n{exc}")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+
+
+def _entry(rank, fn, world, port, errors, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def _ring_case(rank, world, causal, layout, gqa):
+    import fastattn
+    from fastattn.distributed import ring_attention, shard
+
+    gen = torch.Generator().manual_seed(1234)
+    N, H, HK, L, E = 2, 4, (2 if gqa else 4), 16 * world, 16
+    q = torch.randn(N, H, L, E, generator=gen)
+    k, v = torch.randn(N, HK, L, E, generator=gen), torch.randn(N, HK, L, E, generator=gen)
+    dout = torch.randn(N, H, L, E, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = fastattn.attention(*full, causal=causal)
+    ref.backward(dout)
+    local = [shard(t, rank, world, layout).clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, causal=causal, layout=layout)
+    out.backward(shard(dout, rank, world, layout))
+    assert _rel(out, shard(ref, rank, world, layout)) < 1e-5, "output"
+    for name, got, want in zip("qkv", local, full):
+        err = _rel(got.grad, shard(want.grad, rank, world, layout))
+        assert err < 1e-5, f"d{name}: relative error {err:.2e} (rank {rank}, causal {causal}, {layout})"
+
+
+def _ring_worker(rank, world):
+    for causal, layout, gqa in [(False, "contiguous", False), (True, "contiguous", True), (True, "zigzag", False)]:
+        _ring_case(rank, world, causal, layout, gqa)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_equals_attention_on_the_gathered_sequence(world):
+    _run(_ring_worker, world)
+
+
+def _ddp_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fastattn.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(32, 4, 2, vocab_size=50, kv_heads=2, max_len=32)
+    single = GPT(32, 4, 2, vocab_size=50, kv_heads=2, max_len=32)
+    single.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 50, (4 * world, 12), generator=torch.Generator().manual_seed(1))
+    ddp = DDP(model)
+    ddp(idx.chunk(world)[rank]).float().square().mean().backward()
+    single(idx).float().square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-5, name
+
+
+def test_ddp_training_gradients_equal_single_process():
+    _run(_ddp_worker, 2)
+
+
+def _fsdp_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from fastattn.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(32, 4, 2, vocab_size=50, kv_heads=2, max_len=32)
+    single = GPT(32, 4, 2, vocab_size=50, kv_heads=2, max_len=32)
+    single.load_state_dict(model.state_dict())
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    idx = torch.randint(0, 50, (4 * world, 12), generator=torch.Generator().manual_seed(1))
+    model(idx.chunk(world)[rank]).float().square().mean().backward()
+    single(idx).float().square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        grad = p.grad.full_tensor()  # FSDP2 shards parameters and gradients as DTensors; gather to compare
+        assert _rel(grad, q.grad) < 1e-5, name
+
+
+def test_fsdp2_training_gradients_equal_single_process():
+    _run(_fsdp_worker, 2)
