@@ -9,10 +9,12 @@ run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``Multih
 from ._backend import backend, current_backend
 from ._info import info
 from .attention import attention, scaled_dot_product_attention
+from .decode import decode_attention
 from .multihead_attention import MultiheadAttention
 from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .patch import patch
 from .posenc import RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes, apply_rotary, sinusoidal_encoding
+from .varlen import pad, unpad, varlen_attention
 
 __all__ = [
     "LayerNorm",
@@ -27,11 +29,15 @@ __all__ = [
     "attention",
     "backend",
     "current_backend",
+    "decode_attention",
     "info",
     "layer_norm",
+    "pad",
     "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "sinusoidal_encoding",
+    "unpad",
+    "varlen_attention",
 ]
 __version__ = "0.1.0"

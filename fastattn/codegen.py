@@ -84,7 +84,8 @@ NORM_FP32_PTRS = {"MEAN", "RSTD", "DW", "DB"}
 DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "attention_bwd_dq": ("K", "V")}
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
 PREPROCESS_CONFIG = Config(64, 0, 4, 3)
-INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB"}  # B and DB are q itself without bias / dS
+# B and DB are q itself without bias / dS, SEQ without varlen rows.
+INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB", "SEQ"}
 FP32_PTRS = {"LSE", "DELTA", "ALIBI"}
 UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd"}
 FLOATS = {"scale", "dropout_p"}
@@ -104,7 +105,7 @@ def _capability(arch: str) -> int:
 
 def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[str, object]:
     if kernel == "attention_bwd_preprocess":
-        return dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim))
+        return dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim), VARLEN=False)
     consts: dict[str, object] = dict(
         GROUP=1,
         HEAD_DK=head_dim,
@@ -123,6 +124,7 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
     if kernel == "attention_bwd_dq":
         consts["BIAS_GRAD"] = False
     consts["USE_TMA"] = cfg.tma
+    consts.update(VARLEN=False, SPLIT=False)  # the padded-batch kernels; unused names are dropped below
     if kernel.startswith("attention_fwd"):
         consts.update(HAS_ROTARY=kernel == "attention_fwd_rotary", ROT_INTERLEAVED=False)
     return consts
@@ -133,7 +135,7 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
     if kernel in NORM_KERNELS:
         return _norm_source(kernel, head_dim, dtype, cfg)
     fn = KERNELS[kernel]
-    consts = _constexprs(kernel, head_dim, cfg, causal)
+    consts = {k: c for k, c in _constexprs(kernel, head_dim, cfg, causal).items() if k in fn.arg_names}
     # The JIT turns an int argument equal to 1 into a constexpr: unit strides give vectorised accesses.
     consts.update({name: 1 for name in fn.arg_names if name in UNIT_STRIDES})
     signature: dict[str, str] = {}

@@ -136,3 +136,21 @@ def _fsdp_worker(rank, world):
 
 def test_fsdp2_training_gradients_equal_single_process():
     _run(_fsdp_worker, 2)
+
+
+def test_the_torchrun_example_runs():
+    """The README's command, on the CPU (gloo), with 2 processes."""
+    import re
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "fastattn.examples.ring", "--seqlen", "64", "--heads", "2", "--head-dim", "16"],
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        errors = [float(e) for e in re.findall(r"(\d\.\de[-+]\d+)", line)]
+        assert len(errors) == 4 and max(errors) < 1e-5, line

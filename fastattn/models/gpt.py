@@ -24,12 +24,15 @@ class Block(nn.Module):
         h = self.norm1(x)
         k, v = a.kv(h)
         q, k = rotary(a.q(h), k, offset)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        # Without a cache (or filling an empty one) the scores are causal; a decoding step's queries are the
-        # newest positions and see every cached key.
-        causal = offset == 0 and x.shape[1] > 1
-        x = x + self.dropout(a.attend(q, k, v, causal=causal))
+        if cache is not None and a.impl == "fastattn":  # writes k, v into the cache and attends, in one call
+            att = a.decode(q, k, v, cache, layer)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            # Without a cache (or filling an empty one) the scores are causal; a decoding step's queries are the
+            # newest positions and see every cached key.
+            att = a.attend(q, k, v, causal=offset == 0 and x.shape[1] > 1)
+        x = x + self.dropout(att)
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 

@@ -63,9 +63,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, memory_kv, self_mask, causal, memory_mask, cache=None, layer=0):
         a, c = self.self_attn, self.cross_attn
         k, v = a.kv(x)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        x = self.norm1(x + self.dropout(a.attend(a.q(x), k, v, mask=self_mask, causal=causal)))
+        if cache is not None and a.impl == "fastattn" and self_mask is None:
+            att = a.decode(a.q(x), k, v, cache, layer)  # writes the cache and attends in one call
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            att = a.attend(a.q(x), k, v, mask=self_mask, causal=causal)
+        x = self.norm1(x + self.dropout(att))
         x = self.norm2(x + self.dropout(c.attend(c.q(x), *memory_kv, mask=memory_mask)))
         return self.norm3(x + self.dropout(self.ff(x)))
 

@@ -11,7 +11,7 @@ Three launches, no atomics, so gradients are bit-identical run to run:
 import triton
 import triton.language as tl
 
-from .attention_tiles import LOG2E, _dropout_keep, _load_rows, _visible, _visible_ranges
+from .attention_tiles import LOG2E, _dropout_keep, _load_rows, _sequence, _skip_if_past, _visible, _visible_ranges
 
 
 @triton.jit
@@ -29,21 +29,27 @@ def _attention_bwd_preprocess_kernel(
     sdod,
     H,
     L,
+    SEQ,
+    slse_z,
+    slse_h,
     HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     z = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    L, _, _, row0, _ = _sequence(SEQ, z, L, L, 0, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     ok = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DV)
-    o = tl.load(O + z * soz + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0)
-    do = tl.load(DO + z * sdoz + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=ok, other=0.0)
+    rows = row0 + offs_m
+    o = tl.load(O + z * soz + h * soh + rows[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0)
+    do = tl.load(DO + z * sdoz + h * sdoh + rows[:, None] * sdom + offs_d[None, :] * sdod, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+    tl.store(DELTA + z * slse_z + h * slse_h + rows, delta, mask=offs_m < L)
 
 
 @triton.jit
@@ -188,6 +194,9 @@ def _attention_bwd_dkdv_kernel(
     ALIBI,
     sal_z,
     sal_h,
+    SEQ,
+    slse_z,
+    slse_h,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -202,13 +211,16 @@ def _attention_bwd_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False,
+    VARLEN: tl.constexpr = False,
 ):
-    """Grid ``(cdiv(S, BLOCK_N), Z * H // GROUP)``: dK, dV of one key tile of one key/value head."""
+    """Grid ``(cdiv(S, BLOCK_N), Z * H // GROUP)``: dK, dV of one key tile of one key/value head. LSE and
+    DELTA at ``z * slse_z + h * slse_h + row``; VARLEN as in the forward kernel."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     HK = H // GROUP
     z = bhk // HK
     hk = bhk % HK
+    L, S, offset, q_row0, k_row0 = _sequence(SEQ, z, L, S, offset, VARLEN)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -216,12 +228,12 @@ def _attention_bwd_dkdv_kernel(
     n_ok = offs_n < S
     z64 = z.to(tl.int64)
     k = tl.load(
-        K + z64 * skz + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_dk[None, :] * skd,
+        K + z64 * skz + hk.to(tl.int64) * skh + (k_row0 + offs_n)[:, None] * skn + offs_dk[None, :] * skd,
         mask=n_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
         other=0.0,
     )
     v = tl.load(
-        V + z64 * svz + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        V + z64 * svz + hk.to(tl.int64) * svh + (k_row0 + offs_n)[:, None] * svn + offs_dv[None, :] * svd,
         mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
         other=0.0,
     )
@@ -230,6 +242,8 @@ def _attention_bwd_dkdv_kernel(
     qk_scale = scale * LOG2E
     # Seen from a key, the visible queries obey the same rule with the roles of the two sides swapped.
     lo, full_lo, full_hi, hi = _visible_ranges(start_n, BLOCK_N, BLOCK_M, -offset, right, left, L, HAS_RIGHT, HAS_LEFT)
+    if VARLEN:
+        lo, full_lo, full_hi, hi = _skip_if_past(start_n, S, lo, full_lo, full_hi, hi)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = z * H + h
@@ -240,11 +254,11 @@ def _attention_bwd_dkdv_kernel(
             q_base = Q
             do_base = DO
         else:
-            q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
-            do_base = DO + z64 * sdoz + h.to(tl.int64) * sdoh
+            q_base = Q + z64 * sqz + h.to(tl.int64) * sqh + q_row0 * sqm
+            do_base = DO + z64 * sdoz + h.to(tl.int64) * sdoh + q_row0 * sdom
         b_base = B + z64 * sbz + h.to(tl.int64) * sbh
-        lse_base = LSE + bh.to(tl.int64) * L
-        delta_base = DELTA + bh.to(tl.int64) * L
+        lse_base = LSE + z64 * slse_z + h.to(tl.int64) * slse_h + q_row0
+        delta_base = DELTA + z64 * slse_z + h.to(tl.int64) * slse_h + q_row0
         # Regions [lo, full_lo) and [full_hi, hi) cross a mask edge and pay for the element mask; the middle
         # region [full_lo, full_hi) runs unmasked. Unrolled at compile time, so MASKED stays a constexpr.
         for region in tl.static_range(3):
@@ -304,12 +318,12 @@ def _attention_bwd_dkdv_kernel(
             )
     dk *= scale
     tl.store(
-        DK + z64 * sdkz + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_dk[None, :] * sdkd,
+        DK + z64 * sdkz + hk.to(tl.int64) * sdkh + (k_row0 + offs_n)[:, None] * sdkn + offs_dk[None, :] * sdkd,
         dk.to(DK.dtype.element_ty),
         mask=n_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
     )
     tl.store(
-        DV + z64 * sdvz + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+        DV + z64 * sdvz + hk.to(tl.int64) * sdvh + (k_row0 + offs_n)[:, None] * sdvn + offs_dv[None, :] * sdvd,
         dv.to(DV.dtype.element_ty),
         mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
     )
@@ -444,6 +458,9 @@ def _attention_bwd_dq_kernel(
     ALIBI,
     sal_z,
     sal_h,
+    SEQ,
+    slse_z,
+    slse_h,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -459,14 +476,16 @@ def _attention_bwd_dq_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
     HAS_ALIBI: tl.constexpr = False,
+    VARLEN: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``: dQ of one query tile; DB, when BIAS_GRAD, is a zeroed
-    contiguous (Z, H, L, S) float32 buffer that receives dS on the visible tiles."""
+    contiguous (Z, H, L, S) float32 buffer that receives dS on the visible tiles (not with VARLEN)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     z = bh // H
     h = bh % H
     hk = h // GROUP
+    L, S, offset, q_row0, k_row0 = _sequence(SEQ, z, L, S, offset, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -474,23 +493,24 @@ def _attention_bwd_dq_kernel(
     m_ok = offs_m < L
     z64 = z.to(tl.int64)
     q = tl.load(
-        Q + z64 * sqz + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
+        Q + z64 * sqz + h.to(tl.int64) * sqh + (q_row0 + offs_m)[:, None] * sqm + offs_dk[None, :] * sqd,
         mask=m_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
         other=0.0,
     )
     do = tl.load(
-        DO + z64 * sdoz + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+        DO + z64 * sdoz + h.to(tl.int64) * sdoh + (q_row0 + offs_m)[:, None] * sdom + offs_dv[None, :] * sdod,
         mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV),
         other=0.0,
     )
-    lse2 = _lse_log2(tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0))
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    row_base = z64 * slse_z + h.to(tl.int64) * slse_h + q_row0
+    lse2 = _lse_log2(tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     if USE_TMA:  # K and V are (Z, H_kv, S, E) tensor descriptors, addressed by (z, hk, n, 0)
         k_base = K
         v_base = V
     else:
-        k_base = K + z64 * skz + hk.to(tl.int64) * skh
-        v_base = V + z64 * svz + hk.to(tl.int64) * svh
+        k_base = K + z64 * skz + hk.to(tl.int64) * skh + k_row0 * skn
+        v_base = V + z64 * svz + hk.to(tl.int64) * svh + k_row0 * svn
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
     db_base = DB + bh.to(tl.int64) * L * S
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
@@ -499,6 +519,8 @@ def _attention_bwd_dq_kernel(
     if HAS_ALIBI:
         alibi2 = tl.load(ALIBI + z * sal_z + h * sal_h) * LOG2E
     lo, full_lo, full_hi, hi = _visible_ranges(start_m, BLOCK_M, BLOCK_N, offset, left, right, S, HAS_LEFT, HAS_RIGHT)
+    if VARLEN:
+        lo, full_lo, full_hi, hi = _skip_if_past(start_m, L, lo, full_lo, full_hi, hi)
     # Regions [lo, full_lo) and [full_hi, hi) cross a mask edge and pay for the element mask; the middle
     # region [full_lo, full_hi) runs unmasked. Unrolled at compile time, so MASKED stays a constexpr.
     for region in tl.static_range(3):
@@ -560,7 +582,7 @@ def _attention_bwd_dq_kernel(
         )
     dq *= scale
     tl.store(
-        DQ + z64 * sdqz + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_dk[None, :] * sdqd,
+        DQ + z64 * sdqz + h.to(tl.int64) * sdqh + (q_row0 + offs_m)[:, None] * sdqm + offs_dk[None, :] * sdqd,
         dq.to(DQ.dtype.element_ty),
         mask=m_ok[:, None] & (offs_dk[None, :] < HEAD_DK),
     )

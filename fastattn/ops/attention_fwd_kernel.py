@@ -9,7 +9,17 @@ which is all the backward needs to recompute the probabilities.
 import triton
 import triton.language as tl
 
-from .attention_tiles import LN2, LOG2E, _dropout_keep, _rope_rows, _visible, _visible_ranges
+from .attention_tiles import (
+    LN2,
+    LOG2E,
+    _clip_to_split,
+    _dropout_keep,
+    _rope_rows,
+    _sequence,
+    _skip_if_past,
+    _visible,
+    _visible_ranges,
+)
 
 
 @triton.jit
@@ -208,6 +218,12 @@ def _attention_fwd_kernel(
     SIN,
     rot,
     rot_offset,
+    SEQ,
+    slse_z,
+    slse_h,
+    split_len,
+    so_split,
+    slse_split,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -224,28 +240,34 @@ def _attention_fwd_kernel(
     HAS_ALIBI: tl.constexpr = False,
     HAS_ROTARY: tl.constexpr = False,
     ROT_INTERLEAVED: tl.constexpr = False,
+    VARLEN: tl.constexpr = False,
+    SPLIT: tl.constexpr = False,
 ):
-    """Grid ``(cdiv(L, BLOCK_M), Z * H)``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
+    """Grid ``(cdiv(L, BLOCK_M), Z * H[, splits])``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
     B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
-    O is (Z, H, L, Ev); LSE is contiguous (Z, H, L) float32."""
+    O is (Z, H, L, Ev); LSE float32 at ``z * slse_z + h * slse_h + row``. VARLEN: per-sequence rows and
+    lengths from SEQ (see ``_sequence``); L and S are then the longest ones. SPLIT: program_id(2) takes keys
+    ``[split * split_len, (split + 1) * split_len)`` and writes its partial O (unnormalized by the other splits)
+    and LSE ``split * so_split`` / ``split * slse_split`` further on."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     z = bh // H
     h = bh % H
     hk = h // GROUP
+    L, S, offset, q_row0, k_row0 = _sequence(SEQ, z, L, S, offset, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     z64 = z.to(tl.int64)
-    q_base = Q + z64 * sqz + h.to(tl.int64) * sqh
+    q_base = Q + z64 * sqz + h.to(tl.int64) * sqh + q_row0 * sqm
     if USE_TMA:  # K and V are (Z, H_kv, S, E) tensor descriptors, addressed by (z, hk, n, 0)
         k_base = K
         v_base = V
     else:
-        k_base = K + z64 * skz + hk.to(tl.int64) * skh
-        v_base = V + z64 * svz + hk.to(tl.int64) * svh
+        k_base = K + z64 * skz + hk.to(tl.int64) * skh + k_row0 * skn
+        v_base = V + z64 * svz + hk.to(tl.int64) * svh + k_row0 * svn
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
 
     if HAS_ROTARY:  # query i sits at table row rot_offset + i + offset (aligned with the keys like causal)
@@ -267,6 +289,11 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, full_lo, full_hi, hi = _visible_ranges(start_m, BLOCK_M, BLOCK_N, offset, left, right, S, HAS_LEFT, HAS_RIGHT)
+    if VARLEN:
+        lo, full_lo, full_hi, hi = _skip_if_past(start_m, L, lo, full_lo, full_hi, hi)
+    split = tl.program_id(2).to(tl.int64)
+    if SPLIT:
+        lo, full_lo, full_hi, hi = _clip_to_split(split, split_len, lo, full_lo, full_hi, hi)
     # Regions [lo, full_lo) and [full_hi, hi) cross a mask edge and pay for the element mask; the middle
     # region [full_lo, full_hi) runs unmasked. Unrolled at compile time, so MASKED stays a constexpr.
     for region in tl.static_range(3):
@@ -336,8 +363,9 @@ def _attention_fwd_kernel(
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
-    o_base = O + z64 * soz + h.to(tl.int64) * soh
+    lse_base = LSE + z64 * slse_z + h.to(tl.int64) * slse_h + q_row0 + split * slse_split
+    tl.store(lse_base + offs_m, lse, mask=offs_m < L)
+    o_base = O + z64 * soz + h.to(tl.int64) * soh + q_row0 * som + split * so_split
     tl.store(
         o_base + offs_m[:, None] * som + offs_dv[None, :] * sod,
         out.to(O.dtype.element_ty),

@@ -56,6 +56,32 @@ class MaskSpec:
     right: int | None = None  # keys j <= i + offset + right take part; None: no limit
 
 
+@dataclass(frozen=True)
+class Varlen:
+    """Per-sequence rows for the kernels' VARLEN mode: ``seq`` int32 (Z, 4) holds each sequence's first query
+    row, query count, first key row and key count (see ``attention_tiles._sequence``); ``lse_strides`` are the
+    (sequence, head) strides of the LSE / delta buffers."""
+
+    seq: torch.Tensor
+    lse_strides: tuple[int, int]
+    splits: int = 1  # flash-decoding: key splits, each writing its own partial output (forward only)
+    split_len: int = 0
+    split_strides: tuple[int, int] = (0, 0)  # of the output and LSE buffers, per split
+
+
+def _seq_args(varlen: Varlen | None, q: torch.Tensor, H: int, L: int) -> dict:
+    if varlen is None:
+        return dict(SEQ=q, slse_z=H * L, slse_h=L, VARLEN=False)
+    return dict(SEQ=varlen.seq, slse_z=varlen.lse_strides[0], slse_h=varlen.lse_strides[1], VARLEN=True)
+
+
+def _split_args(varlen: Varlen | None) -> dict:
+    if varlen is None or varlen.splits == 1:
+        return dict(split_len=0, so_split=0, slse_split=0, SPLIT=False)
+    so, sl = varlen.split_strides
+    return dict(split_len=varlen.split_len, so_split=so, slse_split=sl, SPLIT=True)
+
+
 def _block_d(e: int) -> int:
     # tl.dot needs K >= 16, and tiles are powers of two: head dim 80 runs in a 128-wide tile, masked.
     return max(16, triton.next_power_of_2(e))
@@ -154,25 +180,30 @@ def attention_fwd(
     philox_offset: int = 0,
     alibi: torch.Tensor | None = None,
     rotary: RotarySpec | None = None,
+    varlen: Varlen | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log). ``alibi``:
     float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores. ``rotary``: q and k
-    are turned by rotary embeddings inside the kernel (key j at ``rotary.offset + j``)."""
+    are turned by rotary embeddings inside the kernel (key j at ``rotary.offset + j``). ``varlen``: per-sequence
+    rows (L, S: the longest); then ``out`` (a view) and ``lse`` (addressed by ``varlen.lse_strides``) are given."""
     Z, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[-1]
-    out = _new((Z, H, L, EV), q.dtype, q.device)
-    lse = _new((Z, H, L), torch.float32, q.device)
+    out = _new((Z, H, L, EV), q.dtype, q.device) if out is None else out
+    lse = _new((Z, H, L), torch.float32, q.device) if lse is None else lse
     b, sb, bias_mode = _bias_args(bias, q)
     flags = _flags(mask, dropout_p, alibi)
 
-    tma = rotary is None and _tma_ok(k, v)  # rotary loads each pair partner by permuted pointers
+    # Rotary loads each pair partner by permuted pointers; VARLEN rows are not a descriptor's 4-D box.
+    tma = rotary is None and varlen is None and _tma_ok(k, v)
     rot_args = (q, q, 0, 0)
     if rotary is not None:
         # The kernel indexes table rows: key j is row j + max(0, L - S), query i row i + S - L + the same.
         rot_args = (*_rotary_tables(rotary, L, S, q.device), rotary.dim, max(0, L - S))
 
     def launch(cfg):
-        grid = (triton.cdiv(L, cfg.block_m), Z * H)
+        grid = (triton.cdiv(L, cfg.block_m), Z * H, 1 if varlen is None else varlen.splits)
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         _attention_fwd_kernel[grid](
             q,
@@ -198,6 +229,8 @@ def attention_fwd(
             philox_offset,
             *_alibi_args(alibi, q),
             *rot_args,
+            **_seq_args(varlen, q, H, L),
+            **_split_args(varlen),
             GROUP=H // k.shape[1],
             HEAD_DK=E,
             HEAD_DV=EV,
@@ -220,7 +253,7 @@ def attention_fwd(
         candidates = rotary_fwd_configs(bd, size)
     else:
         candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
-    key = _tune_key("fwd", q, k, v, bias_mode, flags) + (tma, rotary is not None)
+    key = _tune_key("fwd", q, k, v, bias_mode, flags) + (tma, rotary is not None, varlen is not None)
     cfg = pick(key, candidates, launch, q.device)
     launch(cfg)
     return out, lse
@@ -241,13 +274,17 @@ def attention_bwd(
     philox_offset: int = 0,
     bias_grad: bool = False,
     alibi: torch.Tensor | None = None,
+    varlen: Varlen | None = None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v) and, when ``bias_grad``, the score gradient
-    ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions)."""
+    ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions).
+    ``varlen``: as in the forward; ``grads`` are then the (dq, dk, dv) views to write."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[-1]
     bd_k, bd_v = _block_d(E), _block_d(EV)
-    delta = _new((Z, H, L), torch.float32, q.device)
+    delta = _new(lse.shape, torch.float32, q.device)
+    seq = _seq_args(varlen, q, H, L)
     _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
         out,
         do,
@@ -259,10 +296,11 @@ def attention_bwd(
         HEAD_DV=EV,
         BLOCK_M=64,
         BLOCK_DV=bd_v,
+        **seq,
     )
-    dq = _new(q.shape, q.dtype, q.device)
-    dk = _new(k.shape, k.dtype, k.device)
-    dv = _new(v.shape, v.dtype, v.device)
+    if grads is None:
+        grads = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
+    dq, dk, dv = grads
     # dS is written only on visible tiles; the skipped ones must read as 0.
     db = torch.zeros((Z, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else q
     b, sb, bias_mode = _bias_args(bias, q)
@@ -276,6 +314,7 @@ def attention_bwd(
         BIAS_MODE=bias_mode,
         INPUT_PRECISION=_input_precision(q.dtype),
         **flags,
+        **seq,
     )
     runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
     runtime += _alibi_args(alibi, q)
@@ -337,11 +376,13 @@ def attention_bwd(
         )
 
     bd, size = max(bd_k, bd_v), q.element_size()
-    tma_qdo, tma_kv = _tma_ok(q, do), _tma_ok(k, v)
+    tma_qdo, tma_kv = varlen is None and _tma_ok(q, do), varlen is None and _tma_ok(k, v)
     dkdv_candidates = _with_descriptors(tma_dkdv_configs(bd, size) if tma_qdo else [], dkdv_configs(bd, size))
     dq_candidates = _with_descriptors(tma_dq_configs(bd, size) if tma_kv else [], dq_configs(bd, size))
-    launch_dkdv(pick(_tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo,), dkdv_candidates, launch_dkdv, q.device))
+    vl = varlen is not None
+    dkdv_key = _tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo, vl)
+    launch_dkdv(pick(dkdv_key, dkdv_candidates, launch_dkdv, q.device))
     launch_dq(
-        pick(_tune_key("dq", q, k, v, bias_mode, flags) + (tma_kv, bias_grad), dq_candidates, launch_dq, q.device)
+        pick(_tune_key("dq", q, k, v, bias_mode, flags) + (tma_kv, bias_grad, vl), dq_candidates, launch_dq, q.device)
     )
     return dq, dk, dv, (db if bias_grad else None)

@@ -55,6 +55,42 @@ def _visible_ranges(
 
 
 @triton.jit
+def _sequence(SEQ, z, L, S, offset, VARLEN: tl.constexpr):
+    """Rows of sequence ``z``: ``(L, S, offset, q_row0, k_row0)``. Without VARLEN the batch's (rows start at 0
+    past the batch stride). With VARLEN, ``SEQ`` is int32 (Z, 5): first query row, query count, first key row,
+    key count, and an alignment added to ``offset`` (``S_z - L_z`` for bottom-right alignment) of each sequence:
+    packed batches, per-sequence key lengths of a cache, or a split of the keys."""
+    q_row0 = (z * 0).to(tl.int64)
+    k_row0 = q_row0
+    if VARLEN:
+        q_row0 = tl.load(SEQ + z * 5).to(tl.int64)
+        L = tl.load(SEQ + z * 5 + 1)
+        k_row0 = tl.load(SEQ + z * 5 + 2).to(tl.int64)
+        S = tl.load(SEQ + z * 5 + 3)
+        offset = offset + tl.load(SEQ + z * 5 + 4)
+    return L, S, offset, q_row0, k_row0
+
+
+@triton.jit
+def _clip_to_split(split, split_len, lo, full_lo, full_hi, hi):
+    """The key ranges of one split ``[split * split_len, (split + 1) * split_len)`` of the keys (flash-decoding:
+    several programs per row block, merged afterwards by log-sum-exp); split_len is a multiple of the tile."""
+    s0 = split * split_len
+    lo2 = tl.maximum(lo, s0)
+    hi2 = tl.maximum(tl.minimum(hi, s0 + split_len), lo2)
+    full_lo2 = tl.minimum(tl.maximum(full_lo, lo2), hi2)
+    full_hi2 = tl.minimum(tl.maximum(full_hi, full_lo2), hi2)
+    return lo2, full_lo2, full_hi2, hi2
+
+
+@triton.jit
+def _skip_if_past(start, length, lo, full_lo, full_hi, hi):
+    """Empty ranges for a program whose tile starts past its sequence (varlen grids cover the longest one)."""
+    past = start >= length
+    return lo, tl.where(past, lo, full_lo), tl.where(past, lo, full_hi), tl.where(past, lo, hi)
+
+
+@triton.jit
 def _visible(i, j, L, S, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Element mask of the visibility rule; ``i`` and ``j`` broadcast against each other."""
     ok = (i < L) & (j < S)

@@ -1,0 +1,139 @@
+"""Decoding with a key/value cache: ``decode_attention``, split over the key length (flash-decoding)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import interpreting, use_triton
+from .attention import _autocast, _check_alibi, _check_scale
+from .ops.attention_function import triton_refusal
+from .ops.attention_launch import MaskSpec, Varlen, attention_fwd
+from .ops.attention_reference import attention_reference
+from .posenc import RotaryEmbedding, apply_rotary
+
+_API = "decode_attention"
+SPLIT_TILE = 256  # split lengths are multiples of every key tile the configs use
+
+
+def _splits(q: torch.Tensor, s_max: int, num_splits: int | None) -> int:
+    """Key splits so that a small batch still fills the GPU: about two programs per SM in all."""
+    if num_splits is not None:
+        return max(1, min(int(num_splits), -(-s_max // SPLIT_TILE)))
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = q.shape[0] * q.shape[1] * -(-q.shape[2] // 64)
+    return max(1, min(-(-2 * sms // programs), -(-s_max // SPLIT_TILE), 64))
+
+
+def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{_API}: {name} must be a 4-D tensor (N, heads, length, head_dim); got {t!r:.60}")
+    N, H, L, E = q.shape
+    if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[0] != N or k_cache.shape[3] != E or H % k_cache.shape[1]:
+        raise ValueError(f"{_API}: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+                         f" do not fit (same N; caches (N, H_kv, S_max, E) with H_kv dividing H)")  # fmt: skip
+    if not (q.dtype == k_cache.dtype == v_cache.dtype and q.device == k_cache.device == v_cache.device):
+        raise ValueError(f"{_API}: q and the caches must share dtype and device")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (N,):
+        raise ValueError(f"{_API}: cache_seqlens must be an int32 tensor of shape ({N},); got {cache_seqlens!r:.60}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{_API}: cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{_API}: give k_new and v_new together")
+    if k_new is not None:
+        want_k, want_v = (N, k_cache.shape[1], L, E), (N, k_cache.shape[1], L, v_cache.shape[3])
+        if tuple(k_new.shape) != want_k or tuple(v_new.shape) != want_v:
+            raise ValueError(f"{_API}: k_new / v_new must be {want_k} / {want_v}; got {tuple(k_new.shape)} / "
+                             f"{tuple(v_new.shape)}")  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    rotary: RotaryEmbedding | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of a few new query tokens per sequence over a key/value cache (inference: no gradient).
+
+    q ``(N, H, L_new, E)``; caches ``(N, H_kv, S_max, E / Ev)``; ``cache_seqlens`` int32 ``(N,)``. With
+    ``k_new`` / ``v_new`` ``(N, H_kv, L_new, E / Ev)``, ``cache_seqlens[n]`` is the filled length before this
+    step: the new keys and values are written into the caches in place at ``cache_seqlens[n] + t`` and query t,
+    at that position, attends causally to everything up to it. Without them, the queries attend to the first
+    ``cache_seqlens[n]`` keys, the last query aligned with the last key. ``rotary`` turns q (and k_new) at
+    their positions before the cache is written; ``alibi_slopes`` ``(H,)`` or ``(N, H)`` as in
+    :func:`fastattn.attention`. The key length is split into ``num_splits`` parts (default: enough to fill the
+    GPU) computed in parallel and merged by log-sum-exp. Returns ``(N, H, L_new, Ev)``.
+    """
+    _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    N, H, L, E = q.shape
+    s_max = k_cache.shape[2]
+    filled = cache_seqlens.tolist()  # one small copy: the bounds must be known before the cache is written
+    limit = s_max - (L if k_new is not None else 0)
+    if any(n < 0 or n > limit for n in filled):
+        raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
+    q, k_new, v_new = _autocast(q, k_new, v_new)
+    if k_new is not None:
+        k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
+    q = q.to(k_cache.dtype)
+    scale_f = _check_scale(_API, scale, E)
+    alibi = None if alibi_slopes is None else _check_alibi(_API, alibi_slopes, q)
+    t = torch.arange(L, device=q.device)
+    first = cache_seqlens.long() if k_new is not None else cache_seqlens.long() - L
+    positions = first[:, None] + t  # (N, L) position of each query
+    if rotary is not None:
+        if k_new is not None:
+            q, k_new = apply_rotary(q, k_new, positions=positions, base=rotary.base, interleaved=rotary.interleaved,
+                                    rotary_dim=rotary.dim)  # fmt: skip
+        else:
+            q, _ = apply_rotary(q, q[:, :1], positions=positions, base=rotary.base, interleaved=rotary.interleaved,
+                                rotary_dim=rotary.dim)  # fmt: skip
+    with torch.no_grad():
+        if k_new is not None:
+            rows = torch.arange(N, device=q.device)[:, None]
+            k_cache[rows, :, positions] = k_new.permute(0, 2, 1, 3)
+            v_cache[rows, :, positions] = v_new.permute(0, 2, 1, 3)
+        lengths = cache_seqlens + (L if k_new is not None else 0)
+        causal = MaskSpec(offset=0, right=0)  # VARLEN offsets are relative: bottom-right per sequence
+        if use_triton(_API, q.device, triton_refusal(q, v_cache)):
+            return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits)
+        outs = []
+        for n in range(N):
+            s = int(lengths[n])
+            kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
+            a = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
+            out, _ = attention_reference(q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a)
+            outs.append(out)
+        return torch.cat(outs).to(q.dtype)
+
+
+def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits):
+    N, H, L, _ = q.shape
+    zeros = torch.zeros_like(lengths)
+    seq = torch.stack([zeros, torch.full_like(lengths, L), zeros, lengths, lengths - L], 1).contiguous()
+    splits = _splits(q, k_cache.shape[2], num_splits)
+    if interpreting() and num_splits is None:
+        splits = 1
+    if splits == 1:
+        out, _ = attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi,
+                               varlen=Varlen(seq, (H * L, L)))  # fmt: skip
+        return out
+    split_len = -(-k_cache.shape[2] // splits)
+    split_len = -(-split_len // SPLIT_TILE) * SPLIT_TILE
+    # Each split writes its normalized partial output (fp32) and log-sum-exp; rows a split does not reach
+    # keep lse = -inf and weigh 0 in the merge.
+    part = torch.empty((splits, N, H, L, v_cache.shape[3]), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((splits, N, H, L), dtype=torch.float32, device=q.device)
+    vl = Varlen(seq, (H * L, L), splits, split_len, (part.stride(0), part_lse.stride(0)))
+    attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi, varlen=vl, out=part[0], lse=part_lse)
+    lse = torch.logsumexp(part_lse, 0)
+    weights = torch.exp(part_lse - lse).nan_to_num(0.0)
+    return (weights[..., None] * part).sum(0).to(q.dtype)

@@ -1,0 +1,109 @@
+"""Packed variable-length batches: ``varlen_attention`` and the ``unpad`` / ``pad`` helpers."""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import use_triton
+from .attention import _autocast, _check_dropout, _check_scale, _check_window
+from .ops.attention_function import dropout_seed, triton_refusal
+from .ops.varlen_function import varlen_reference
+
+_API = "varlen_attention"
+
+
+def _check_cu(name: str, cu, total: int, device) -> list[int]:
+    """The cumulative lengths as a list, checked (one small device-to-host copy: bad boundaries must fail
+    here, before any kernel reads memory through them)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{_API}(): argument '{name}' must be Tensor, not {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{_API}: {name} must be a 1-D int32 tensor of B + 1 >= 2 offsets; got {cu.dtype} "
+                         f"{tuple(cu.shape)}")  # fmt: skip
+    if cu.device != device:
+        raise ValueError(f"{_API}: {name} is on {cu.device}, the inputs on {device}")
+    values = cu.tolist()
+    if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{_API}: {name} must start at 0 and never decrease; got {values[:8]}...")
+    if values[-1] != total:
+        raise ValueError(f"{_API}: the last entry of {name} ({values[-1]}) must be the total length {total}")
+    return values
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over sequences of different lengths packed along the first dimension, no padding.
+
+    q ``(total_q, H, E)``, k ``(total_k, H_kv, E)``, v ``(total_k, H_kv, Ev)`` (H a multiple of H_kv);
+    sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    of k and v (int32 offsets, B + 1 of them, from 0 to the totals); ``max_seqlen_*`` bound the lengths.
+    ``causal`` and ``window`` are per sequence and bottom-right aligned as in :func:`fastattn.attention`.
+    Returns ``out (total_q, H, Ev)`` and, with ``return_lse``, ``lse (H, total_q)`` float32. Equal, sequence
+    by sequence, to :func:`fastattn.attention` on each sequence alone. Bad input: ValueError / TypeError.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{_API}: {name} must be a 3-D tensor (total, heads, head_dim); got {t!r:.60}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and q.dtype.is_floating_point):
+        raise ValueError(f"{_API}: q, k, v must be floating, of one dtype and device; got {q.dtype}/{k.dtype}/"
+                         f"{v.dtype} on {q.device}/{k.device}/{v.device}")  # fmt: skip
+    if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{_API}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+                         f"(same head dim for q and k, same rows and heads for k and v, H_kv dividing H)")  # fmt: skip
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"{_API}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
+                         f"{len(cu_q) - 1} and {len(cu_k) - 1}")  # fmt: skip
+    longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    if max_seqlen_q < longest_q or max_seqlen_k < longest_k:
+        raise ValueError(f"{_API}: max_seqlen_q / max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) below the longest "
+                         f"sequences ({longest_q}, {longest_k})")  # fmt: skip
+    q, k, v = _autocast(q, k, v)
+    p = _check_dropout(_API, ValueError, dropout_p, upper_inclusive=False)
+    scale_f = _check_scale(_API, scale, q.shape[-1])
+    left, right = _check_window(window, causal)
+    if use_triton(_API, q.device, triton_refusal(q, v)):
+        starts_q, starts_k = cu_seqlens_q[:-1], cu_seqlens_k[:-1]
+        len_q, len_k = cu_seqlens_q[1:] - starts_q, cu_seqlens_k[1:] - starts_k
+        seq = torch.stack([starts_q, len_q, starts_k, len_k, len_k - len_q], 1)  # bottom-right per sequence
+        out, lse = torch.ops.fastattn.varlen_fwd(
+            q, k, v, seq.contiguous(), dropout_seed(p), scale_f, left, right, p, max(longest_q, 1), max(longest_k, 1)
+        )
+    else:
+        out, lse = varlen_reference(q, k, v, cu_q, cu_k, scale_f, left, right, p)
+    return (out, lse) if return_lse else out
+
+
+def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A padded batch ``x (N, L, ...)`` and its padding mask ``(N, L)`` (True = padding, as torch's
+    ``key_padding_mask``) in packed form: ``(x_packed (total, ...), indices, cu_seqlens int32 (N + 1), max_seqlen)``;
+    ``indices`` are the kept positions of the flattened ``(N * L)`` batch, for :func:`pad`."""
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]:
+        raise ValueError(f"unpad: key_padding_mask must be bool of shape {tuple(x.shape[:2])}; got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")  # fmt: skip
+    keep = ~key_padding_mask
+    lengths = keep.sum(1, dtype=torch.int32)
+    indices = keep.flatten().nonzero().flatten()
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return x.flatten(0, 1)[indices], indices, cu, int(lengths.max())
+
+
+def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of :func:`unpad`: ``(batch, seqlen, ...)`` with zeros at the padded positions."""
+    out = x.new_zeros((batch * seqlen, *x.shape[1:]))
+    return out.index_put((indices,), x).unflatten(0, (batch, seqlen))

@@ -1,0 +1,87 @@
+"""decode_attention against per-sequence float64 references: cache lengths including 0 and 1, new tokens
+written into the cache in place, GQA, rotary, ALiBi, and the split (flash-decoding) path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close
+
+import fastattn
+from fastattn.ops.attention_launch import MaskSpec
+from fastattn.ops.attention_reference import attention_reference
+
+
+def _setup(lengths, L_new, H=4, HK=2, E=16, S_max=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    N = len(lengths)
+    q = torch.randn(N, H, L_new, E, generator=gen).to(DEVICE)
+    k_cache, v_cache = (torch.randn(N, HK, S_max, E, generator=gen).to(DEVICE) for _ in range(2))
+    k_new, v_new = (torch.randn(N, HK, L_new, E, generator=gen).to(DEVICE) for _ in range(2))
+    return q, k_cache, v_cache, k_new, v_new, torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+def _reference(q, k_cache, v_cache, lengths, L_new, alibi=None):
+    outs = []
+    for n, s in enumerate(lengths):
+        kn, vn = (c[n : n + 1, :, :s].cpu().double() for c in (k_cache, v_cache))
+        a = None if alibi is None else alibi.cpu().float()
+        out, _ = attention_reference(q[n : n + 1].cpu().double(), kn, vn, None, q.shape[-1] ** -0.5,
+                                     MaskSpec(s - L_new, None, 0), alibi=a)  # fmt: skip
+        outs.append(out)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("L_new", [1, 3])
+@pytest.mark.parametrize("splits", [None, 3], ids=["one-split", "three-splits"])
+def test_new_tokens_are_cached_and_attended_causally(L_new, backend, splits):
+    # Splits are multiples of 256 keys: the split case needs a longer cache.
+    S_max = 40 if splits is None else 600
+    lengths = [0, 1, 17, S_max - 3 - L_new]
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=S_max)
+    before_k = k_cache.clone()
+    with fastattn.backend(backend):
+        out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, num_splits=splits)
+    for n, s in enumerate(lengths):  # written in place at s .. s + L_new; the rest untouched
+        assert torch.equal(k_cache[n, :, s : s + L_new], k_new[n])
+        assert torch.equal(k_cache[n, :, :s], before_k[n, :, :s])
+        assert torch.equal(k_cache[n, :, s + L_new :], before_k[n, :, s + L_new :])
+    ref = _reference(q, k_cache, v_cache, [s + L_new for s in lengths], L_new)
+    assert_close(out, ref, torch.float32, None, "out")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attending_to_the_cache_only_with_alibi(backend):
+    lengths = [5, 1, 29]
+    q, k_cache, v_cache, *_, seqlens = _setup(lengths, 2, seed=1)
+    slopes = fastattn.alibi_slopes(4).to(DEVICE)
+    with fastattn.backend(backend):
+        out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, alibi_slopes=slopes)
+    ref = _reference(q, k_cache, v_cache, lengths, 2, alibi=slopes)
+    assert_close(out, ref, torch.float32, None, "out")
+
+
+def test_rotary_turns_queries_and_new_keys_at_their_positions():
+    lengths = [3, 11]
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, 2, seed=2)
+    rope = fastattn.RotaryEmbedding(16)
+    with fastattn.backend("triton"):
+        out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, rotary=rope)
+    positions = torch.tensor(lengths, device=DEVICE)[:, None] + torch.arange(2, device=DEVICE)
+    rq, rk = fastattn.apply_rotary(q, k_new, positions=positions)
+    for n, s in enumerate(lengths):
+        assert_close(k_cache[n, :, s : s + 2], rk[n].double(), torch.float32, None, "rotated keys in the cache")
+    ref = _reference(rq, k_cache, v_cache, [s + 2 for s in lengths], 2)
+    assert_close(out, ref, torch.float32, None, "out")
+
+
+def test_bad_cache_lengths_are_refused():
+    q, k_cache, v_cache, k_new, v_new, _ = _setup([1, 2], 3)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 37\]"):
+        fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 38], dtype=torch.int32, device=DEVICE),
+                                  k_new=k_new, v_new=v_new)  # fmt: skip
+    with pytest.raises(ValueError, match="int32"):
+        fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="together"):
+        fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 2], dtype=torch.int32), k_new=k_new)

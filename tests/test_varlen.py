@@ -1,0 +1,109 @@
+"""Packed variable-length attention against per-sequence float64 references (lengths 0 and 1 included), on the
+Triton kernels (interpreter here) and the PyTorch path; clear errors for bad cu_seqlens; unpad / pad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close
+
+import fastattn
+from fastattn.ops.attention_launch import MaskSpec
+from fastattn.ops.attention_reference import attention_reference
+
+
+def _cu(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+CASES = [
+    pytest.param([5, 0, 17, 1], [9, 3, 17, 0], {}, id="full-with-empty"),
+    pytest.param([7, 1, 20], [7, 30, 20], {"causal": True}, id="causal"),
+    pytest.param([12, 33], [40, 33], {"window": (5, 2)}, id="window"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("len_q,len_k,kw", CASES)
+def test_varlen_equals_attention_per_sequence(len_q, len_k, kw, backend):
+    gen = torch.Generator().manual_seed(sum(len_q))
+    H, HK, E = 4, 2, 16
+    tq, tk = sum(len_q), sum(len_k)
+    q = torch.randn(tq, H, E, generator=gen).to(DEVICE).requires_grad_()
+    k = torch.randn(tk, HK, E, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(tk, HK, 24, generator=gen).to(DEVICE).requires_grad_()
+    with fastattn.backend(backend):
+        out, lse = fastattn.varlen_attention(q, k, v, _cu(len_q), _cu(len_k), max(len_q), max(len_k),
+                                             return_lse=True, **kw)  # fmt: skip
+    assert out.shape == (tq, H, 24) and lse.shape == (H, tq)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, torch.float32))
+    left, right = kw.get("window", (None, None))
+    if kw.get("causal"):
+        right = 0
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    cq, ck = _cu(len_q).tolist(), _cu(len_k).tolist()
+    refs, ref_lses = [], []
+    for b in range(len(len_q)):
+        if len_q[b] == 0:
+            continue
+        qb, kb, vb = (t[lo:hi].transpose(0, 1)[None] for t, lo, hi in
+                      zip(ref_in, (cq[b], ck[b], ck[b]), (cq[b + 1], ck[b + 1], ck[b + 1])))  # fmt: skip
+        if len_k[b] == 0:
+            refs.append(torch.zeros(len_q[b], H, 24, dtype=torch.float64) + 0 * qb.sum())
+            ref_lses.append(torch.full((H, len_q[b]), float("-inf"), dtype=torch.float64))
+            continue
+        o, l_ = attention_reference(qb, kb.repeat_interleave(2, 1), vb.repeat_interleave(2, 1), scale=E**-0.5,
+                                    mask=MaskSpec(len_k[b] - len_q[b], left, right))  # fmt: skip
+        refs.append(o[0].transpose(0, 1))
+        ref_lses.append(l_[0].double())
+    ref = torch.cat(refs, 0)
+    assert_close(out, ref, torch.float32, None, "out")
+    ref_lse = torch.cat(ref_lses, 1)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert (lse.cpu()[finite].double() - ref_lse[finite]).abs().max() < 1e-4
+    want = torch.autograd.grad(ref, ref_in, dout)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, torch.float32, None, f"d{name}")
+
+
+def test_bad_cu_seqlens_are_refused_before_any_kernel():
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    good = _cu([4, 6])
+    bad = [
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=DEVICE), "never decrease"),
+        (good.long(), "int32"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), "total length 10"),
+        (torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE), "start at 0"),
+    ]
+    for cu, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fastattn.varlen_attention(q, q, q, cu, good, 10, 10)
+    with pytest.raises(ValueError, match="same number of sequences"):
+        fastattn.varlen_attention(q, q, q, good, _cu([10]), 10, 10)
+    with pytest.raises(ValueError, match="below the longest"):
+        fastattn.varlen_attention(q, q, q, good, good, 5, 10)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        fastattn.varlen_attention(q, q, q, [0, 4, 10], good, 10, 10)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_unpad_varlen_pad_equals_padded_attention(backend):
+    gen = torch.Generator().manual_seed(3)
+    N, L, H, E = 3, 13, 2, 16
+    x = torch.randn(N, L, 3, H, E, generator=gen).to(DEVICE)
+    lengths = torch.tensor([13, 6, 1])
+    padding = (torch.arange(L)[None, :] >= lengths[:, None]).to(DEVICE)
+    packed, indices, cu, longest = fastattn.unpad(x, padding)
+    assert packed.shape == (int(lengths.sum()), 3, H, E) and cu.tolist() == [0, 13, 19, 20] and longest == 13
+    with fastattn.backend(backend):
+        out = fastattn.varlen_attention(packed[:, 0], packed[:, 1], packed[:, 2], cu, cu, longest, longest)
+    padded = fastattn.pad(out, indices, N, L)
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=~padding[:, None, None, :]
+    ).transpose(1, 2)
+    keep = ~padding
+    assert_close(padded[keep], ref[keep], torch.float32, None, "valid rows")
+    assert (padded[padding] == 0).all()
