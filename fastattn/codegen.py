@@ -84,8 +84,8 @@ NORM_FP32_PTRS = {"MEAN", "RSTD", "DW", "DB"}
 DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "attention_bwd_dq": ("K", "V")}
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
 PREPROCESS_CONFIG = Config(64, 0, 4, 3)
-# B and DB are q itself without bias / dS, SEQ without varlen rows.
-INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB", "SEQ"}
+# B and DB are q itself without bias / dS, SEQ without varlen rows, BT without a paged cache.
+INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB", "SEQ", "BT"}
 FP32_PTRS = {"LSE", "DELTA", "ALIBI"}
 UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd"}
 FLOATS = {"scale", "dropout_p"}
@@ -124,7 +124,7 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
     if kernel == "attention_bwd_dq":
         consts["BIAS_GRAD"] = False
     consts["USE_TMA"] = cfg.tma
-    consts.update(VARLEN=False, SPLIT=False)  # the padded-batch kernels; unused names are dropped below
+    consts.update(VARLEN=False, SPLIT=False, PAGED=False)  # padded-batch kernels; unused names are dropped below
     if kernel.startswith("attention_fwd"):
         consts.update(HAS_ROTARY=kernel == "attention_fwd_rotary", ROT_INTERLEAVED=False)
     return consts

@@ -49,6 +49,25 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
                              f"{tuple(v_new.shape)}")  # fmt: skip
 
 
+def _as_sequences(pool: torch.Tensor, n: int) -> torch.Tensor:
+    """A stand-in of the per-sequence cache shape for the shared checks (no data is read)."""
+    return pool.new_empty((n, pool.shape[1], 0, pool.shape[3]))
+
+
+def _check_pages(q, k_cache, v_cache, block_table) -> None:
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise ValueError(f"{_API}: block_table must be an int32 tensor (N, max_pages); got {block_table!r:.60}")
+    if block_table.shape[0] != q.shape[0] or block_table.device != q.device:
+        raise ValueError(f"{_API}: block_table must have N = {q.shape[0]} rows on {q.device}; got "
+                         f"{tuple(block_table.shape)} on {block_table.device}")  # fmt: skip
+    if k_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"{_API}: paged caches must be (num_pages, H_kv, page_size, E); got {tuple(k_cache.shape)}"
+                         f" and {tuple(v_cache.shape)}")  # fmt: skip
+    pages = block_table.tolist()
+    if any(p < 0 or p >= k_cache.shape[0] for row in pages for p in row):
+        raise ValueError(f"{_API}: block_table entries must be pages in [0, {k_cache.shape[0]})")
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -61,6 +80,7 @@ def decode_attention(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a few new query tokens per sequence over a key/value cache (inference: no gradient).
 
@@ -72,10 +92,18 @@ def decode_attention(
     their positions before the cache is written; ``alibi_slopes`` ``(H,)`` or ``(N, H)`` as in
     :func:`fastattn.attention`. The key length is split into ``num_splits`` parts (default: enough to fill the
     GPU) computed in parallel and merged by log-sum-exp. Returns ``(N, H, L_new, Ev)``.
+
+    Paged cache: with ``block_table`` int32 ``(N, max_pages)``, the caches are pools of pages ``(num_pages,
+    H_kv, page_size, E / Ev)`` and position p of sequence n lives at row ``p % page_size`` of page
+    ``block_table[n, p // page_size]`` (pages in any order; the kernels walk the table).
     """
-    _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    paged = block_table is not None
+    if paged:
+        _check_pages(q, k_cache, v_cache, block_table)
+    _check(q, *(_as_sequences(c, q.shape[0]) if paged else c for c in (k_cache, v_cache)), cache_seqlens, k_new,
+           v_new)  # fmt: skip
     N, H, L, E = q.shape
-    s_max = k_cache.shape[2]
+    s_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     filled = cache_seqlens.tolist()  # one small copy: the bounds must be known before the cache is written
     limit = s_max - (L if k_new is not None else 0)
     if any(n < 0 or n > limit for n in filled):
@@ -98,41 +126,59 @@ def decode_attention(
                                 rotary_dim=rotary.dim)  # fmt: skip
     with torch.no_grad():
         if k_new is not None:
-            rows = torch.arange(N, device=q.device)[:, None]
-            k_cache[rows, :, positions] = k_new.permute(0, 2, 1, 3)
-            v_cache[rows, :, positions] = v_new.permute(0, 2, 1, 3)
+            if paged:
+                page_size = k_cache.shape[2]
+                rows = block_table.long().gather(1, positions // page_size)
+                slots = positions % page_size
+            else:
+                rows, slots = torch.arange(N, device=q.device)[:, None], positions
+            k_cache[rows, :, slots] = k_new.permute(0, 2, 1, 3)
+            v_cache[rows, :, slots] = v_new.permute(0, 2, 1, 3)
         lengths = cache_seqlens + (L if k_new is not None else 0)
         causal = MaskSpec(offset=0, right=0)  # VARLEN offsets are relative: bottom-right per sequence
         if use_triton(_API, q.device, triton_refusal(q, v_cache)):
-            return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits)
+            return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits, block_table,
+                                   s_max)  # fmt: skip
         outs = []
         for n in range(N):
             s = int(lengths[n])
-            kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
+            if paged:  # the reference reads the sequence's pages in order
+                pages = block_table[n, : -(-s // k_cache.shape[2])].long()
+                kn, vn = (c[pages].transpose(0, 1).flatten(1, 2)[None, :, :s] for c in (k_cache, v_cache))
+            else:
+                kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
             a = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
             out, _ = attention_reference(q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a)
             outs.append(out)
         return torch.cat(outs).to(q.dtype)
 
 
-def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits):
-    N, H, L, _ = q.shape
+def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits, block_table, s_max):
+    N, H, L, E = q.shape
+    HK = k_cache.shape[1]
+    if L == 1 and H > HK and alibi is None:
+        # One new token and grouped heads: the group's query heads become the rows of one program, so each
+        # shared key/value head is read once per group. With one query per head no causal limit is needed
+        # (every cached key precedes it); ALiBi's per-head slopes would not fit a shared row block.
+        rows = q.reshape(N, HK, H // HK, E)
+        out = _decode_kernels(rows, k_cache, v_cache, lengths, MaskSpec(), scale, None, num_splits, block_table, s_max)
+        return out.reshape(N, H, 1, -1)
     zeros = torch.zeros_like(lengths)
     seq = torch.stack([zeros, torch.full_like(lengths, L), zeros, lengths, lengths - L], 1).contiguous()
-    splits = _splits(q, k_cache.shape[2], num_splits)
+    splits = _splits(q, s_max, num_splits)
     if interpreting() and num_splits is None:
         splits = 1
     if splits == 1:
         out, _ = attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi,
-                               varlen=Varlen(seq, (H * L, L)))  # fmt: skip
+                               varlen=Varlen(seq, (H * L, L), block_table=block_table))  # fmt: skip
         return out
-    split_len = -(-k_cache.shape[2] // splits)
+    split_len = -(-s_max // splits)
     split_len = -(-split_len // SPLIT_TILE) * SPLIT_TILE
     # Each split writes its normalized partial output (fp32) and log-sum-exp; rows a split does not reach
     # keep lse = -inf and weigh 0 in the merge.
     part = torch.empty((splits, N, H, L, v_cache.shape[3]), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((splits, N, H, L), dtype=torch.float32, device=q.device)
-    vl = Varlen(seq, (H * L, L), splits, split_len, (part.stride(0), part_lse.stride(0)))
+    vl = Varlen(seq, (H * L, L), splits, split_len, (part.stride(0), part_lse.stride(0)), block_table)
     attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi, varlen=vl, out=part[0], lse=part_lse)
     lse = torch.logsumexp(part_lse, 0)
     weights = torch.exp(part_lse - lse).nan_to_num(0.0)

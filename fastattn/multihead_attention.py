@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import scaled_dot_product_attention
+from .varlen import padded_key_attention
 
 
 def route_through_module(module: nn.Module, args) -> None:
@@ -182,6 +183,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         src_len = k.shape[2]
 
+        dropout_p = self.dropout if self.training else 0.0
+        # A key padding mask alone that leaves much of the batch empty: attend over the packed real keys.
+        if key_padding_mask is not None and attn_mask is None and not causal and not nan_rows:
+            _check_key_padding_mask(key_padding_mask, src_len, bsz)
+            kpm = key_padding_mask.view(bsz, src_len)
+            if bool(((kpm == 0) | torch.isneginf(kpm)).all()):
+                out = padded_key_attention(q, k, v, kpm == 0, dropout_p)
+                if out is not None:
+                    return self._project_out(out, tgt_len, bsz, embed_dim, is_batched)
         # Masks stay broadcast ((1|N, 1|H, L, S) and (N, 1, 1, S)); only both together are summed.
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(bsz, heads, -1, src_len)
@@ -190,12 +200,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             kpm = key_padding_mask.view(bsz, 1, 1, src_len)
             attn_mask = kpm if attn_mask is None else attn_mask + kpm
 
-        dropout_p = self.dropout if self.training else 0.0
         out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, causal)
         if nan_rows and attn_mask is not None:
             # torch's fused inference path leaves NaN where a query row sees no key.
             empty = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
             out = out.masked_fill(empty, float("nan"))
+        return self._project_out(out, tgt_len, bsz, embed_dim, is_batched)
+
+    def _project_out(self, out, tgt_len: int, bsz: int, embed_dim: int, is_batched: bool) -> torch.Tensor:
+        """(N, H, L, head_dim) attention output -> the module's output layout, through out_proj."""
         out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(tgt_len, bsz, -1)
         if not is_batched:

@@ -107,3 +107,35 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torc
     """Inverse of :func:`unpad`: ``(batch, seqlen, ...)`` with zeros at the padded positions."""
     out = x.new_zeros((batch * seqlen, *x.shape[1:]))
     return out.index_put((indices,), x).unflatten(0, (batch, seqlen))
+
+
+# Share of padded keys above which attention runs on packed keys (the kernels then never visit padding).
+PACK_THRESHOLD = 0.25
+
+
+def padded_key_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor | None:
+    """Attention of every query over the kept keys only, or None when packing does not pay here.
+
+    q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``, ``keep`` bool ``(N, S)`` (True = a real key). The same result
+    as SDPA with the mask ``keep[:, None, None, :]`` (rows of a sequence without keys give 0), computed by
+    :func:`varlen_attention` on packed keys when the kernels run and at least PACK_THRESHOLD of the keys are
+    padding. Deciding reads the padded share from the device (one small copy)."""
+    from ._backend import current_backend, interpreting
+
+    backend = current_backend()
+    kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
+    if not kernels or keep.dtype != torch.bool or keep.shape != (q.shape[0], k.shape[2]):
+        return None
+    counts = keep.sum(1, dtype=torch.int32)
+    if 1.0 - counts.sum().item() / keep.numel() < PACK_THRESHOLD:
+        return None
+    N, H, L, _ = q.shape
+    cu_q = torch.arange(0, (N + 1) * L, L, dtype=torch.int32, device=q.device)
+    cu_k = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+    flat = keep.flatten().nonzero().flatten()
+    k_p, v_p = (t.transpose(1, 2).flatten(0, 1)[flat] for t in (k, v))
+    out = varlen_attention(q.transpose(1, 2).flatten(0, 1), k_p, v_p, cu_q, cu_k, L, max(int(counts.max()), 1),
+                           dropout_p=dropout_p)  # fmt: skip
+    return out.unflatten(0, (N, L)).transpose(1, 2)

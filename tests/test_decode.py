@@ -85,3 +85,29 @@ def test_bad_cache_lengths_are_refused():
         fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="together"):
         fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 2], dtype=torch.int32), k_new=k_new)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("L_new", [1, 2])
+def test_paged_cache_with_pages_out_of_order(L_new, backend):
+    """The same step on a pool of pages in shuffled order (block_table) gives the contiguous cache's result,
+    and the new keys land in the right page slots."""
+    lengths, page = [0, 9, 30], 8
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=40, seed=4)
+    N, HK, S_max, E = k_cache.shape
+    max_pages = S_max // page
+    order = torch.randperm(N * max_pages + 3, generator=torch.Generator().manual_seed(5))  # spare pages too
+    block_table = order[: N * max_pages].view(N, max_pages).to(torch.int32).to(DEVICE)
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.zeros(N * max_pages + 3, HK, page, E, device=DEVICE)
+        pool[block_table.long()] = cache.view(N, HK, max_pages, page, E).transpose(1, 2)
+        pools.append(pool)
+    with fastattn.backend(backend):
+        want = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+        got = fastattn.decode_attention(q, *pools, seqlens, k_new=k_new, v_new=v_new, block_table=block_table)
+    assert_close(got, want.double(), torch.float32, None, "paged out")
+    back = pools[0][block_table.long()].transpose(1, 2).reshape(N, HK, S_max, E)
+    assert torch.equal(back, k_cache)
+    with pytest.raises(ValueError, match="block_table entries"):
+        fastattn.decode_attention(q, *pools, seqlens, block_table=block_table + 100)

@@ -107,3 +107,41 @@ def test_unpad_varlen_pad_equals_padded_attention(backend):
     keep = ~padding
     assert_close(padded[keep], ref[keep], torch.float32, None, "valid rows")
     assert (padded[padding] == 0).all()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_packs_keys_when_padding_dominates(batch_first, monkeypatch):
+    """fastattn.MultiheadAttention with a key padding mask that leaves most of the batch empty runs on packed
+    keys and still equals torch's module, outputs and gradients; a sequence with no keys included."""
+    import fastattn.multihead_attention as mha_module
+
+    packed = []
+    original = mha_module.padded_key_attention
+
+    def counting(*args):
+        out = original(*args)
+        packed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mha_module, "padded_key_attention", counting)
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).to(DEVICE)
+    ours = fastattn.MultiheadAttention(32, 4, batch_first=batch_first).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 11, 32, device=DEVICE)
+    x = x if batch_first else x.transpose(0, 1)
+    pad = torch.arange(11, device=DEVICE)[None, :] >= torch.tensor([11, 3, 0], device=DEVICE)[:, None]
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fastattn.backend("triton"):
+        out, _ = ours(xa, xa, xa, key_padding_mask=pad, need_weights=False)
+    want, _ = ref(xb, xb, xb, key_padding_mask=pad, need_weights=False)
+    assert packed == [True]
+    b = 2 if batch_first else 1  # torch's module gives NaN rows for a sequence without keys; we give 0 there
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep.select(0 if batch_first else 1, b).fill_(False)
+    assert_close(out[keep], want[keep].double(), torch.float32, None, "out")
+    dy = torch.randn_like(want).masked_fill(~keep, 0.0)
+    with fastattn.backend("triton"):
+        (g,) = torch.autograd.grad(out, xa, dy)
+    (gw,) = torch.autograd.grad(want, xb, dy)
+    assert_close(g, gw.double(), torch.float32, None, "dx")

@@ -16,7 +16,7 @@ import platform
 
 import torch
 
-from . import attention, e2e, norms, posenc
+from . import attention, decode, e2e, norms, posenc
 from .report import Progress, add_ratios, plot, to_markdown, write
 
 
@@ -57,7 +57,7 @@ def run_e2e(args) -> list[dict]:
 
 def run_kernels(args) -> list[dict]:
     gpu = torch.cuda.is_available()
-    progress = Progress(3)
+    progress = Progress(4)
     if gpu:
         seqlens = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
         att = attention.bench_cuda([128] if args.quick else [64, 128], seqlens, torch.bfloat16, ["fwd", "bwd"])
@@ -75,7 +75,11 @@ def run_kernels(args) -> list[dict]:
     for ref in ("torch (table)", "torch (tables)"):
         add_ratios(pe, ("op", "d"), ("gbps",), ref)
     progress.step("encodings")
-    for rows, name in ((att, "attention"), (nrm, "norms"), (pe, "posenc")):
+    dec = decode.run_decode(args.quick) + decode.run_varlen(args.quick)
+    add_ratios(dec, ("op", "batch", "cache_len"), ("gbps",), "torch")
+    add_ratios(dec, ("op", "sequences", "tokens"), ("tflops",), "torch (padded)")
+    progress.step("decode and varlen")
+    for rows, name in ((att, "attention"), (nrm, "norms"), (pe, "posenc"), (dec, "decode")):
         _emit(rows, name, args)
     if args.plot:
         metric = "fwd_tflops" if gpu else "fwd_gflops"
@@ -86,7 +90,7 @@ def run_kernels(args) -> list[dict]:
             plot(pe, "d", "gbps", os.path.join(args.plot, "posenc.png"), "encodings GB/s", group=("op",)),
         ]  # fmt: skip
         print("".join(f"(plot {p})\n" for p in paths if p), end="")
-    return att + nrm + pe
+    return att + nrm + pe + dec
 
 
 def main(argv=None) -> int:

@@ -70,8 +70,14 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         """q (N, H, L, E), k/v (N, H_kv, S, E), mask broadcastable to (N, H, L, S) (bool, True = take part);
         ``causal``: top-left (query i sees keys j <= i). Returns (N, L, d_model)."""
-        sdpa = fastattn.scaled_dot_product_attention if self.impl == "fastattn" else F.scaled_dot_product_attention
         p = self.dropout if self.training else 0.0
+        if self.impl == "fastattn" and mask is not None and not causal and mask.dtype == torch.bool:
+            # A key padding mask (N, 1, 1, S) that leaves much of the batch empty: packed keys, no padding visited.
+            if mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[0] == q.shape[0]:
+                packed = fastattn.varlen.padded_key_attention(q, k, v, mask[:, 0, 0], p)
+                if packed is not None:
+                    return self.out_proj(packed.transpose(1, 2).flatten(2))
+        sdpa = fastattn.scaled_dot_product_attention if self.impl == "fastattn" else F.scaled_dot_product_attention
         out = sdpa(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=self.kv_heads != self.nhead)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

@@ -133,6 +133,12 @@ def _fwd_tiles(
     rot_offset,
     HAS_ROTARY: tl.constexpr,
     ROT_INTERLEAVED: tl.constexpr,
+    BT,
+    sbt,
+    PAGE,
+    skz,
+    svz,
+    PAGED: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
@@ -143,6 +149,12 @@ def _fwd_tiles(
                 k_base, offs_n, offs_dk, skn, skd, S, offs_n + rot_offset, COS, SIN, rot, HEAD_DK, ROT_INTERLEAVED
             )
             k = tl.trans(k.to(q.dtype))
+        elif PAGED:  # key j lives in page BT[z, j // PAGE] of the (pages, H_kv, PAGE, E) cache, at row j % PAGE
+            page = tl.load(BT + z * sbt + offs_n // PAGE, mask=kv_ok, other=0).to(tl.int64)
+            k_rows = page * skz + (offs_n % PAGE) * skn
+            v_rows = page * svz + (offs_n % PAGE) * svn
+            k_ptrs = k_base + k_rows[None, :] + offs_dk[:, None] * skd
+            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_dk[:, None] < HEAD_DK), other=0.0)
         else:
             k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, skn, skd, S, HEAD_DK, BLOCK_N, BLOCK_DK, MASKED, USE_TMA)
         s = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
@@ -167,7 +179,11 @@ def _fwd_tiles(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_v(v_base, z, hk, n0, offs_n, offs_dv, svn, svd, S, HEAD_DV, BLOCK_N, BLOCK_DV, MASKED, USE_TMA)
+        if PAGED:
+            v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * svd
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
+        else:
+            v = _load_v(v_base, z, hk, n0, offs_n, offs_dv, svn, svd, S, HEAD_DV, BLOCK_N, BLOCK_DV, MASKED, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -224,6 +240,9 @@ def _attention_fwd_kernel(
     split_len,
     so_split,
     slse_split,
+    BT,
+    sbt,
+    PAGE,
     GROUP: tl.constexpr,
     HEAD_DK: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -242,13 +261,15 @@ def _attention_fwd_kernel(
     ROT_INTERLEAVED: tl.constexpr = False,
     VARLEN: tl.constexpr = False,
     SPLIT: tl.constexpr = False,
+    PAGED: tl.constexpr = False,
 ):
     """Grid ``(cdiv(L, BLOCK_M), Z * H[, splits])``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev);
     B (BIAS_MODE 1: additive float, 2: bool keep-mask) is addressed through broadcast strides;
     O is (Z, H, L, Ev); LSE float32 at ``z * slse_z + h * slse_h + row``. VARLEN: per-sequence rows and
     lengths from SEQ (see ``_sequence``); L and S are then the longest ones. SPLIT: program_id(2) takes keys
     ``[split * split_len, (split + 1) * split_len)`` and writes its partial O (unnormalized by the other splits)
-    and LSE ``split * so_split`` / ``split * slse_split`` further on."""
+    and LSE ``split * so_split`` / ``split * slse_split`` further on. PAGED: K and V are (pages, H_kv, PAGE, E)
+    caches and key j of sequence z is row j % PAGE of page BT[z * sbt + j // PAGE]."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     z = bh // H
@@ -268,6 +289,9 @@ def _attention_fwd_kernel(
     else:
         k_base = K + z64 * skz + hk.to(tl.int64) * skh + k_row0 * skn
         v_base = V + z64 * svz + hk.to(tl.int64) * svh + k_row0 * svn
+    if PAGED:  # rows are found page by page in the tiles
+        k_base = K + hk.to(tl.int64) * skh
+        v_base = V + hk.to(tl.int64) * svh
     b_base = B + z64 * sbz + h.to(tl.int64) * sbh
 
     if HAS_ROTARY:  # query i sits at table row rot_offset + i + offset (aligned with the keys like causal)
@@ -354,6 +378,12 @@ def _attention_fwd_kernel(
             rot_offset,
             HAS_ROTARY,
             ROT_INTERLEAVED,
+            BT,
+            sbt,
+            PAGE,
+            skz,
+            svz,
+            PAGED,
         )
 
     # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.

@@ -67,6 +67,7 @@ class Varlen:
     splits: int = 1  # flash-decoding: key splits, each writing its own partial output (forward only)
     split_len: int = 0
     split_strides: tuple[int, int] = (0, 0)  # of the output and LSE buffers, per split
+    block_table: torch.Tensor | None = None  # paged K/V (pages, H_kv, page_size, E): int32 (Z, max_pages)
 
 
 def _seq_args(varlen: Varlen | None, q: torch.Tensor, H: int, L: int) -> dict:
@@ -75,11 +76,15 @@ def _seq_args(varlen: Varlen | None, q: torch.Tensor, H: int, L: int) -> dict:
     return dict(SEQ=varlen.seq, slse_z=varlen.lse_strides[0], slse_h=varlen.lse_strides[1], VARLEN=True)
 
 
-def _split_args(varlen: Varlen | None) -> dict:
-    if varlen is None or varlen.splits == 1:
-        return dict(split_len=0, so_split=0, slse_split=0, SPLIT=False)
-    so, sl = varlen.split_strides
-    return dict(split_len=varlen.split_len, so_split=so, slse_split=sl, SPLIT=True)
+def _split_args(varlen: Varlen | None, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Key splits and paging of the forward kernel (off without ``varlen``)."""
+    args = dict(split_len=0, so_split=0, slse_split=0, SPLIT=False, BT=q, sbt=0, PAGE=1, PAGED=False)
+    if varlen is not None and varlen.splits > 1:
+        so, sl = varlen.split_strides
+        args.update(split_len=varlen.split_len, so_split=so, slse_split=sl, SPLIT=True)
+    if varlen is not None and varlen.block_table is not None:
+        args.update(BT=varlen.block_table, sbt=varlen.block_table.stride(0), PAGE=k.shape[2], PAGED=True)
+    return args
 
 
 def _block_d(e: int) -> int:
@@ -230,7 +235,7 @@ def attention_fwd(
             *_alibi_args(alibi, q),
             *rot_args,
             **_seq_args(varlen, q, H, L),
-            **_split_args(varlen),
+            **_split_args(varlen, q, k),
             GROUP=H // k.shape[1],
             HEAD_DK=E,
             HEAD_DV=EV,
