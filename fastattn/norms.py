@@ -80,7 +80,6 @@ def rms_norm(
         return _nested(rms_norm, input, normalized_shape, weight, eps)
     shape = _shape("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps
     return norm_forward("rms_norm", input, shape, weight, None, eps, is_rms=True)
 
 
@@ -116,7 +115,6 @@ def add_rms_norm(
     shape = _shape("add_rms_norm", x, normalized_shape)
     _check_residual("add_rms_norm", x, residual, dropout_p)
     _check_param("add_rms_norm", "weight", weight, x, shape)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
     return norm_forward("add_rms_norm", x, shape, weight, None, eps, True, residual, dropout_p, training)
 
 

@@ -162,3 +162,21 @@ def test_custom_ops_pass_opcheck(name):
         x = randn(1, 2, 7, 16, requires_grad=True)
         op, args = torch.ops.fastattn.rotary.default, (x, None, 3, 1e4, False, 16, 1.0, "triton")
     torch.library.opcheck(op, args)
+
+
+def test_autocast_to_float32_keeps_the_parameters(monkeypatch):
+    """Where the device's policy runs norms in float32 (CUDA), low-precision inputs go up to float32 and the
+    weight and bias come along; the CPU policy never asks for it, so the policy is forced here."""
+    from fastattn.ops import norm_function
+
+    monkeypatch.setattr(norm_function, "_autocast_dtype", lambda x, shape, is_rms: torch.float32)
+    x = randn(6, 32, dtype=torch.bfloat16)
+    w, b = randn(32), randn(32)
+    for backend in BACKENDS:
+        with fastattn.backend(backend):
+            y = fastattn.layer_norm(x, (32,), w, b)
+            r = fastattn.rms_norm(x, (32,), w.bfloat16())
+        assert y.dtype == torch.float32 and r.dtype == torch.float32
+        assert_close(y, F.layer_norm(x.double(), (32,), w.double(), b.double()), torch.float32, None, "layer norm")
+        want = F.rms_norm(x.double(), (32,), w.bfloat16().double(), torch.finfo(torch.float32).eps)
+        assert_close(r, want, torch.float32, None, "rms norm")

@@ -2,10 +2,12 @@
 
 - Decode (``decode_attention``, one new token per sequence, GQA): memory-bound, so GB/s of key/value cache
   read (2 · N · H_kv · S · E · bytes) per step, against torch writing the new token into the cache and running
-  ``F.scaled_dot_product_attention`` over the filled part.
+  ``F.scaled_dot_product_attention`` over the filled part, and against the device copying the cache (the
+  bandwidth ceiling, measured in the same run).
 - Varlen (``varlen_attention``, causal, a realistic spread of lengths): TFLOP/s of the real work
   (Σ_b 2 · H · L_b² · E, causal), against torch's SDPA on the same sequences padded to the longest (its FLOPs
-  counted the same way, so the padding it computes shows as lower TFLOP/s).
+  counted the same way, so the padding it computes shows as lower TFLOP/s), and flash-attn's varlen where
+  installed.
 
     python -m fastattn.bench.decode [--out DIR]
 """
@@ -56,6 +58,12 @@ def run_decode(quick: bool = False) -> list[dict]:
             ms = time_ms(fn, q, k_cache, v_cache, filled, k_new, v_new)
             rows.append(dict(op="decode", impl=name, batch=N, cache_len=S, heads=H, kv_heads=HK, ms=round(ms, 4),
                              gbps=round(size / ms * 1e-6, 1)))  # fmt: skip
+        # The ceiling: the device copying the same cache (read + write of its bytes), in the same run.
+        dst = torch.empty_like(k_cache)
+        ms = time_ms(dst.copy_, k_cache)
+        copied = 2 * k_cache.numel() * k_cache.element_size()
+        rows.append(dict(op="decode", impl="copy (ceiling)", batch=N, cache_len=S, heads=H, kv_heads=HK,
+                         ms=round(ms, 4), gbps=round(copied / ms * 1e-6, 1)))  # fmt: skip
     return rows
 
 
@@ -88,6 +96,14 @@ def run_varlen(quick: bool = False) -> list[dict]:
 
         impls = {name: on_backend(_varlen_ours, b) for name, b in kernel_backends().items()}
         impls["torch (padded)"] = _varlen_torch
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            pass
+        else:
+            impls["flash-attn varlen"] = lambda q, k, v, cu, longest, padded: flash_attn_varlen_func(
+                q, k, v, cu, cu, longest, longest, causal=True
+            )
         flops = sum(2.0 * H * length * length * E for length in lengths)  # 4·L²·E halved for causal
         for name, fn in impls.items():
             ms = time_ms(fn, q, k, v, cu, longest, padded)

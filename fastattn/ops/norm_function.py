@@ -115,7 +115,7 @@ def norm_forward(
     shape: tuple[int, ...],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
+    eps: float | None,
     is_rms: bool,
     residual: torch.Tensor | None = None,
     dropout_p: float = 0.0,
@@ -128,7 +128,9 @@ def norm_forward(
     target = _autocast_dtype(x, shape, is_rms)
     if target is not None and target != x.dtype:
         x, residual = x.to(target), None if residual is None else residual.to(target)
-        weight, bias = (None if t is None or t.dtype == torch.float32 else t.to(target) for t in (weight, bias))
+        weight, bias = (t if t is None or t.dtype == torch.float32 else t.to(target) for t in (weight, bias))
+    if eps is None:  # RMSNorm's default: the epsilon of the dtype it computes in (after autocast), as torch
+        eps = torch.finfo(x.dtype).eps
     w = None if weight is None else weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     n = math.prod(shape)
