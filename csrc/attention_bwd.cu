@@ -228,6 +228,7 @@ cudaError_t launch_bwd(const AttentionBwdParams& bp, cudaStream_t stream) {
 cudaError_t attention_backward(const AttentionBwdParams& bp, cudaStream_t stream) {
   cudaError_t err = check_attention_params(bp.fwd);
   if (err != cudaSuccess) return err;
+  if (bp.fwd.z == 0) return cudaSuccess;  // nothing to do, and no grid of zero blocks
   if (bp.dout == nullptr || bp.delta == nullptr || bp.dq_accum == nullptr || bp.dq == nullptr || bp.dk == nullptr ||
       bp.dv == nullptr)
     return cudaErrorInvalidValue;

@@ -20,6 +20,11 @@ __device__ __forceinline__ MeanVar warp_merge(MeanVar a) {
     b.m2 = __shfl_xor_sync(0xffffffffu, a.m2, offset);
     a = merge(a, b);
   }
+  // merge(a, b) and merge(b, a) may round differently: every lane takes lane 0's result, so that the whole
+  // row normalizes with the statistics that are stored.
+  a.count = __shfl_sync(0xffffffffu, a.count, 0);
+  a.mean = __shfl_sync(0xffffffffu, a.mean, 0);
+  a.m2 = __shfl_sync(0xffffffffu, a.m2, 0);
   return a;
 }
 
@@ -230,25 +235,25 @@ bool valid_dtypes(DType t, DType w) {
 }  // namespace
 
 cudaError_t norm_forward(const NormParams& p, cudaStream_t stream) {
-  if (p.x == nullptr || p.y == nullptr || p.n <= 0 || p.rows < 0 || p.rows > 0x7fffffff) return cudaErrorInvalidValue;
-  if (!valid_dtypes(p.dtype, p.w_dtype)) return cudaErrorInvalidValue;
-  if (p.rows == 0) return cudaSuccess;
+  if (p.n <= 0 || p.rows < 0 || p.rows > 0x7fffffff || !valid_dtypes(p.dtype, p.w_dtype)) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
+  if (p.x == nullptr || p.y == nullptr) return cudaErrorInvalidValue;
   return dispatch(p, [&](auto t, auto tw) { return launch_forward<decltype(t), decltype(tw)>(p, stream); });
 }
 
 cudaError_t norm_backward(const NormBwdParams& p, cudaStream_t stream) {
-  if (p.x == nullptr || p.dy == nullptr || p.dx == nullptr || p.rstd == nullptr || (!p.rms && p.mean == nullptr))
-    return cudaErrorInvalidValue;
   if (p.n <= 0 || p.n > norm_bwd_max_n(p.dtype) || p.rows < 0 || p.groups < 1 || p.groups > 0x7fffffff)
     return cudaErrorInvalidValue;
   if (!valid_dtypes(p.dtype, p.w_dtype)) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
+  if (p.x == nullptr || p.dy == nullptr || p.dx == nullptr || p.rstd == nullptr || (!p.rms && p.mean == nullptr))
+    return cudaErrorInvalidValue;
   // The backward always takes 16-byte vectors: rows, strides and pointers must allow them.
   const int64_t vec = norm_vec(p.dtype);
   if (p.n % vec != 0 || p.x_stride % vec != 0 || p.dy_stride % vec != 0 || p.dx_stride % vec != 0)
     return cudaErrorInvalidValue;
   for (const void* ptr : {p.x, p.dy, static_cast<const void*>(p.dx)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return cudaErrorInvalidValue;
-  if (p.rows == 0) return cudaSuccess;
   return dispatch(p, [&](auto t, auto tw) { return launch_backward<decltype(t), decltype(tw)>(p, stream); });
 }
 

@@ -80,17 +80,17 @@ struct LaunchRotary {
 }  // namespace
 
 cudaError_t sinusoidal_forward(const SinusoidalParams& p, cudaStream_t stream) {
-  if (!p.x || !p.y || !p.freq || p.rows < 0 || p.l <= 0 || p.d <= 0) return cudaErrorInvalidValue;
-  if (cdiv(p.rows * ((p.d + 1) / 2), kThreads) > 0x7fffffff) return cudaErrorInvalidValue;
-  if (p.rows == 0) return cudaSuccess;
+  if (p.rows < 0 || p.l <= 0 || p.d <= 0) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
+  if (!p.x || !p.y || !p.freq || cdiv(p.rows * ((p.d + 1) / 2), kThreads) > 0x7fffffff) return cudaErrorInvalidValue;
   return by_dtype<LaunchSinusoidal>(p, stream);
 }
 
 cudaError_t rotary_forward(const RotaryParams& p, cudaStream_t stream) {
-  if (!p.x || !p.y || !p.freq || p.rows < 0 || p.h <= 0 || p.l <= 0 || p.rot < 2 || p.rot % 2 || p.rot > p.e)
+  if (p.rows < 0 || p.h <= 0 || p.l <= 0 || p.rot < 2 || p.rot % 2 || p.rot > p.e) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;  // before the pointer checks: empty tensors may have null data
+  if (!p.x || !p.y || !p.freq || cdiv(p.rows * (p.rot / 2 + p.e - p.rot), kThreads) > 0x7fffffff)
     return cudaErrorInvalidValue;
-  if (cdiv(p.rows * (p.rot / 2 + p.e - p.rot), kThreads) > 0x7fffffff) return cudaErrorInvalidValue;
-  if (p.rows == 0) return cudaSuccess;
   return by_dtype<LaunchRotary>(p, stream);
 }
 

@@ -56,6 +56,9 @@ def test_bad_parameters_return_an_error_code_before_any_launch():
     assert ext.error_string(code) == "invalid argument"
     code = ext.sinusoidal_forward(0, 0, 0, 1, 1, 8, 8, 8, 0, 1.0, 0, 0)
     assert ext.error_string(code) == "invalid argument"
+    # Empty inputs (whose data pointers may be null) are a successful no-op, as torch's ops.
+    assert ext.norm_forward(0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 1e-5, 0, 0, False, 0) == 0
+    assert ext.sinusoidal_forward(0, 0, 0, 0, 1, 8, 8, 8, 0, 1.0, 0, 0) == 0
 
 
 def test_info_names_each_backend():
@@ -193,3 +196,6 @@ def test_cuda_norm_refusals_name_the_reason():
     x = torch.empty(4, 100, dtype=torch.bfloat16, requires_grad=True)
     assert "multiple of 8" in norm_refusal(x, None, None, 100, fused=False)
     assert "weight" in norm_refusal(x, torch.empty(100, dtype=torch.float16), None, 100, fused=False)
+    x = torch.empty(4, 64, dtype=torch.float16)
+    mixed = norm_refusal(x, torch.empty(64), torch.empty(64, dtype=torch.float16), 64, fused=False)
+    assert "one dtype" in mixed  # the kernel reads weight and bias through one type

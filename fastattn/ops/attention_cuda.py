@@ -84,7 +84,7 @@ def attention_fwd_cuda(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_
     Z, H, L, E = q.shape
     out = _new((Z, H, L, E), q.dtype, q.device)
     lse = _new((Z, H, L), torch.float32, q.device)
-    code = cuda_ext.ext().attention_forward(
+    code = cuda_ext.launch(q, "attention_forward",
         tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
         *_args(q, k, v, key_mask, scale, mask, dropout_p, seed), cuda_ext.stream(q),
     )  # fmt: skip
@@ -99,7 +99,7 @@ def attention_bwd_cuda(do, q, k, v, out, lse, key_mask, scale: float, mask: Mask
     dq, dk, dv = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
     delta = _new((Z, H, L), torch.float32, q.device)
     dq_accum = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)
-    code = cuda_ext.ext().attention_backward(
+    code = cuda_ext.launch(q, "attention_backward",
         tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
         *_args(q, k, v, key_mask, scale, mask, dropout_p, seed),
         [cuda_ext.ptr(t) for t in (do, delta, dq_accum, dq, dk, dv)], _strides(do, dq, dk, dv), cuda_ext.stream(q),

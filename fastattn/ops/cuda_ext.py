@@ -50,6 +50,13 @@ def unavailable(device: torch.device) -> str | None:
     return _arch_refusal(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def launch(t: torch.Tensor, name: str, *args) -> int:
+    """Call launcher ``name`` of the extension with ``t``'s device current: the kernels (and their attribute
+    settings) go to the current device, and the stream passed is that device's."""
+    with torch.cuda.device(t.device):
+        return getattr(ext(), name)(*args)
+
+
 def check(code: int, op: str) -> None:
     """Raise for a non-zero ``cudaError_t`` returned by a launcher."""
     if code != 0:

@@ -24,6 +24,8 @@ def cuda_refusal(x, weight, bias, n: int, fused: bool) -> str | None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.dtype not in (x.dtype, torch.float32):
             return f"{name} must be float32 or the input's dtype ({x.dtype}), not {p.dtype}"
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        return f"they read weight and bias in one dtype, not {weight.dtype} and {bias.dtype}"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
         ext, code = cuda_ext.ext(), cuda_ext.DTYPE_CODES[x.dtype]
@@ -47,7 +49,7 @@ def norm_fwd_cuda(x, n: int, weight, bias, eps: float, is_rms: bool):
     weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))  # read with unit stride
     y = _new(x2.shape, x.dtype, x.device)
     mean, rstd = _new((rows,), torch.float32, x.device), _new((rows,), torch.float32, x.device)
-    code = cuda_ext.ext().norm_forward(
+    code = cuda_ext.launch(x, "norm_forward",
         x2.data_ptr(), cuda_ext.ptr(weight), cuda_ext.ptr(bias), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         rows, n, x2.stride(0), y.stride(0), eps, cuda_ext.DTYPE_CODES[x.dtype], _w_code(x, weight, bias), is_rms,
         cuda_ext.stream(x),
@@ -68,9 +70,11 @@ def norm_bwd_cuda(dy, x, n: int, weight, bias, mean, rstd, is_rms: bool):
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     rows_per_block = 256 // ext.norm_row_threads(code, n)  # a group per row-thread team, a few blocks per SM
     groups = ext.norm_bwd_groups(rows, 4 * sms * rows_per_block)
-    dw = torch.empty((groups, n), dtype=torch.float32, device=x.device) if weight is not None else None
-    db = torch.empty((groups, n), dtype=torch.float32, device=x.device) if bias is not None else None
-    err = ext.norm_backward(
+    # Every group writes its whole partial row; with no rows at all nothing is written, so start from zeros then.
+    alloc = torch.zeros if rows == 0 else torch.empty
+    dw = alloc((groups, n), dtype=torch.float32, device=x.device) if weight is not None else None
+    db = alloc((groups, n), dtype=torch.float32, device=x.device) if bias is not None else None
+    err = cuda_ext.launch(x, "norm_backward",
         x2.data_ptr(), cuda_ext.ptr(weight), dy2.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         cuda_ext.ptr(dw), cuda_ext.ptr(db), rows, n, x2.stride(0), dy2.stride(0), dx.stride(0), groups, code,
         _w_code(x, weight, bias), is_rms, cuda_ext.stream(x),

@@ -15,7 +15,7 @@ def sinusoidal_fwd_cuda(x: torch.Tensor, offset: int, scale: float, base: float)
     x2 = _rows(x)
     y = _new(x2.shape, x.dtype, x.device)
     L, D = x.shape[-2], x.shape[-1]
-    code = cuda_ext.ext().sinusoidal_forward(
+    code = cuda_ext.launch(x, "sinusoidal_forward",
         x2.data_ptr(), y.data_ptr(), inv_freq((D + 1) // 2, D, base, x.device).data_ptr(), x2.shape[0], L, D,
         x2.stride(0), y.stride(0), offset, scale, cuda_ext.DTYPE_CODES[x.dtype], cuda_ext.stream(x),
     )  # fmt: skip
@@ -33,7 +33,7 @@ def rotary_fwd_cuda(x, pos, offset, base, interleaved, rot, sign) -> torch.Tenso
     if pos is not None:
         pos = pos.contiguous()
     pos_stride = pos.stride(0) if pos is not None and pos.shape[0] > 1 else 0
-    code = cuda_ext.ext().rotary_forward(
+    code = cuda_ext.launch(x, "rotary_forward",
         x2.data_ptr(), y.data_ptr(), cuda_ext.ptr(pos), inv_freq(max(rot // 2, 1), rot, base, x.device).data_ptr(),
         x2.shape[0], H, L, E, rot, x2.stride(0), y.stride(0), pos_stride, offset, sign, interleaved,
         cuda_ext.DTYPE_CODES[x.dtype], cuda_ext.stream(x),
