@@ -47,6 +47,8 @@ stamp "norm benchmarks"
   echo "norm bench exit code $?"
   timeout ${POSENC_BENCH_TIMEOUT:-30} $py benchmarks/bench_posenc.py
   echo "posenc bench exit code $?"
+  FASTATTN_AUTOTUNE=0 timeout ${DECODE_BENCH_TIMEOUT:-45} $py -m fastattn.bench.decode --quick
+  echo "decode/varlen bench exit code $?"
 } > "$out/bench_norms.log" 2>&1
 
 stamp "end-to-end models"
@@ -73,7 +75,7 @@ stamp "results table"
   echo
   cat "$out/attention.md" 2>/dev/null || tail -n 20 "$out/bench.log"
   echo
-  echo "## Norms and positional encodings (GB/s of minimal bytes)"
+  echo "## Norms, positional encodings (GB/s of minimal bytes), decode (GB/s of cache read), varlen (TFLOP/s)"
   echo
   cat "$out/bench_norms.log"
   echo
