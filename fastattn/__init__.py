@@ -1,9 +1,11 @@
-"""fastattn: fused attention kernels for Transformers, in Triton, as PyTorch autograd ops.
+"""fastattn: fused kernels for Transformers, in Triton and CUDA C++, as PyTorch ops (torch.library custom ops).
 
 ``scaled_dot_product_attention`` is a drop-in for torch's; ``attention`` is the native entry with bottom-right
-causal alignment, sliding windows, a differentiable bias and the log-sum-exp. ``backend`` selects where ops
-run (``"auto"``, ``"triton"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``MultiheadAttention`` is a drop-in for
-``nn.MultiheadAttention``, and ``patch(model)`` swaps it into an existing model.
+causal alignment, sliding windows, a differentiable bias and the log-sum-exp; ``varlen_attention`` takes packed
+sequences and ``decode_attention`` a key/value cache. ``backend`` selects where ops run (``"auto"``,
+``"triton"``, ``"cuda"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``MultiheadAttention`` is a drop-in for
+``nn.MultiheadAttention``, and ``patch(model)`` swaps it into an existing model. ``fastattn.models`` holds
+reference models, ``fastattn.distributed`` ring attention, ``fastattn.bench`` the ``fastattn-bench`` tool.
 """
 
 from ._backend import backend, current_backend
