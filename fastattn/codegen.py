@@ -45,6 +45,7 @@ from .ops.attention_configs import (
     tma_dkdv_configs,
     tma_dq_configs,
     tma_fwd_configs,
+    varlen_configs,
 )
 from .ops.attention_fwd_kernel import _attention_fwd_kernel
 from .ops.norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
@@ -63,6 +64,10 @@ KERNELS = {
     "attention_bwd_preprocess": _attention_bwd_preprocess_kernel,
     "attention_bwd_dkdv": _attention_bwd_dkdv_kernel,
     "attention_bwd_dq": _attention_bwd_dq_kernel,
+    # Packed sequences (VARLEN rows), and for the forward also key splits and a paged cache (decode_attention).
+    "attention_fwd_varlen": _attention_fwd_kernel,
+    "attention_bwd_dkdv_varlen": _attention_bwd_dkdv_kernel,
+    "attention_bwd_dq_varlen": _attention_bwd_dq_kernel,
 }
 # The launchers try the descriptor (TMA) configs first where the tensors allow, then the pointer ones.
 CONFIGS = {
@@ -70,6 +75,9 @@ CONFIGS = {
     "attention_fwd_rotary": rotary_fwd_configs,
     "attention_bwd_dkdv": lambda d, size: tma_dkdv_configs(d, size) + dkdv_configs(d, size),
     "attention_bwd_dq": lambda d, size: tma_dq_configs(d, size) + dq_configs(d, size),
+    "attention_fwd_varlen": lambda d, size: varlen_configs("fwd", d, size),  # pointers only
+    "attention_bwd_dkdv_varlen": lambda d, size: varlen_configs("dkdv", d, size),
+    "attention_bwd_dq_varlen": lambda d, size: varlen_configs("dq", d, size),
 }
 # Norm kernels: one row per hidden size ("head_dim" column), layer norm with weight and bias, no residual.
 NORM_KERNELS = {
@@ -121,10 +129,11 @@ def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[s
         HAS_ALIBI=False,
         INPUT_PRECISION="tf32",
     )
-    if kernel == "attention_bwd_dq":
+    if kernel.startswith("attention_bwd_dq"):
         consts["BIAS_GRAD"] = False
     consts["USE_TMA"] = cfg.tma
-    consts.update(VARLEN=False, SPLIT=False, PAGED=False)  # padded-batch kernels; unused names are dropped below
+    varlen = kernel.endswith("_varlen")
+    consts.update(VARLEN=varlen, SPLIT=varlen, PAGED=varlen)  # names a kernel does not have are dropped below
     if kernel.startswith("attention_fwd"):
         consts.update(HAS_ROTARY=kernel == "attention_fwd_rotary", ROT_INTERLEAVED=False)
     return consts
@@ -147,6 +156,8 @@ def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -
         if cfg.tma and name in DESCRIPTORS.get(kernel, ()):
             rows = cfg.block_m if kernel == "attention_bwd_dkdv" else cfg.block_n
             signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {_block_d(head_dim)}]>"
+        elif name in ("SEQ", "BT") and kernel.endswith("_varlen"):
+            signature[name] = "*i32"  # per-sequence rows / the page table
         elif name in INPUT_PTRS:
             signature[name] = f"*{dtype}"
         elif name in FP32_PTRS:

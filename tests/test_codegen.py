@@ -38,7 +38,8 @@ def test_rows_have_the_documented_keys(rows):
     kinds = {r["kernel"].split("[")[0] for r in rows}
     assert kinds == {
         "attention_fwd", "attention_fwd_rotary", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
-        "layer_norm_fwd", "layer_norm_bwd", "sinusoidal", "rotary",
+        "layer_norm_fwd", "layer_norm_bwd", "sinusoidal", "rotary", "attention_fwd_varlen",
+        "attention_bwd_dkdv_varlen", "attention_bwd_dq_varlen",
     }  # fmt: skip
 
 
@@ -50,7 +51,11 @@ def test_memory_bound_kernels_vectorized_without_spills(rows):
     assert not [n for n in rows_notes if "vector loads" in n], rows_notes
 
 
-@pytest.mark.parametrize("kernel", ["attention_fwd", "attention_fwd_rotary", "attention_bwd_dkdv", "attention_bwd_dq"])
+@pytest.mark.parametrize(
+    "kernel",
+    ["attention_fwd", "attention_fwd_rotary", "attention_bwd_dkdv", "attention_bwd_dq", "attention_fwd_varlen",
+     "attention_bwd_dkdv_varlen", "attention_bwd_dq_varlen"],
+)  # fmt: skip
 def test_matmul_kernels_use_wgmma_without_spills(rows, kernel):
     mine = [r for r in rows if r["kernel"].split("[")[0] == kernel]
     assert {r["head_dim"] for r in mine} == {64, 128}

@@ -55,6 +55,20 @@ def fwd_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     return [Config(64, 32, 4, 2), Config(32, 32, 4, 1)]
 
 
+# Packed / split / paged launches (VARLEN rows, pointer loads only) on sm_90 in 16-bit at head dims up to 128:
+# these compile with wgmma and no spills (the codegen rows *_varlen check it); larger tiles spill and a few
+# smaller ones crash ptxas 13.0, so the lists are single, checked configs, with the smallest pointer config
+# for other widths.
+_VARLEN = {"fwd": Config(128, 64, 8, 3), "dkdv": Config(32, 128, 8, 2), "dq": Config(64, 64, 8, 2)}
+
+
+def varlen_configs(kind: str, block_d: int, elem_size: int = 2) -> list[Config]:
+    if _width(block_d, elem_size) <= 128:
+        return [_VARLEN[kind]]
+    fallback = {"fwd": fwd_configs, "dkdv": dkdv_configs, "dq": dq_configs}[kind]
+    return fallback(block_d, elem_size)[-1:]
+
+
 def tma_fwd_configs(block_d: int, elem_size: int = 2) -> list[Config]:
     """Forward candidates that load K/V with tensor descriptors (the copy engine, mbarrier-completed), tried
     ahead of the others where the tensors allow it. Fewer address registers: 190 instead of 255 at d=128.
@@ -136,13 +150,16 @@ def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None],
         return INTERPRETER_TMA_CONFIG if candidates[0].tma else INTERPRETER_CONFIG
     if key in _TUNED:
         return _TUNED[key]
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    # A config the assembler cannot build (ptxas 13.0 crashes on a few) is skipped like one that does not fit.
+    skip = (OutOfResources, PTXASError)
 
     if not tuning_enabled() or len(candidates) == 1:
         for cfg in candidates:
             try:
                 launch(cfg)
-            except OutOfResources:
+            except skip:
                 continue
             _TUNED[key] = cfg
             return cfg
@@ -153,7 +170,7 @@ def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None],
     for cfg in candidates:
         try:
             ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
-        except OutOfResources:
+        except skip:
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms

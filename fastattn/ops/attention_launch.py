@@ -28,6 +28,7 @@ from .attention_configs import (
     tma_dkdv_configs,
     tma_dq_configs,
     tma_fwd_configs,
+    varlen_configs,
 )
 from .attention_fwd_kernel import _attention_fwd_kernel
 
@@ -254,7 +255,9 @@ def attention_fwd(
         )
 
     bd, size = _block_d(max(E, EV)), q.element_size()
-    if rotary is not None:
+    if varlen is not None:
+        candidates = varlen_configs("fwd", bd, size)
+    elif rotary is not None:
         candidates = rotary_fwd_configs(bd, size)
     else:
         candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
@@ -384,6 +387,8 @@ def attention_bwd(
     tma_qdo, tma_kv = varlen is None and _tma_ok(q, do), varlen is None and _tma_ok(k, v)
     dkdv_candidates = _with_descriptors(tma_dkdv_configs(bd, size) if tma_qdo else [], dkdv_configs(bd, size))
     dq_candidates = _with_descriptors(tma_dq_configs(bd, size) if tma_kv else [], dq_configs(bd, size))
+    if varlen is not None:
+        dkdv_candidates, dq_candidates = varlen_configs("dkdv", bd, size), varlen_configs("dq", bd, size)
     vl = varlen is not None
     dkdv_key = _tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo, vl)
     launch_dkdv(pick(dkdv_key, dkdv_candidates, launch_dkdv, q.device))
