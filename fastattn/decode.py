@@ -63,9 +63,6 @@ def _check_pages(q, k_cache, v_cache, block_table) -> None:
     if k_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"{_API}: paged caches must be (num_pages, H_kv, page_size, E); got {tuple(k_cache.shape)}"
                          f" and {tuple(v_cache.shape)}")  # fmt: skip
-    pages = block_table.tolist()
-    if any(p < 0 or p >= k_cache.shape[0] for row in pages for p in row):
-        raise ValueError(f"{_API}: block_table entries must be pages in [0, {k_cache.shape[0]})")
 
 
 def decode_attention(
@@ -104,7 +101,12 @@ def decode_attention(
            v_new)  # fmt: skip
     N, H, L, E = q.shape
     s_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    filled = cache_seqlens.tolist()  # one small copy: the bounds must be known before the cache is written
+    # One small copy: the bounds (lengths, and the page range of the table) must hold before the cache is written.
+    extra = torch.stack(torch.aminmax(block_table)).to(cache_seqlens.dtype) if paged else cache_seqlens[:0]
+    host = torch.cat([cache_seqlens, extra]).tolist()
+    filled = host[:N]
+    if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
+        raise ValueError(f"{_API}: block_table entries must be pages in [0, {k_cache.shape[0]}); got {host[N:]}")
     limit = s_max - (L if k_new is not None else 0)
     if any(n < 0 or n > limit for n in filled):
         raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
@@ -141,7 +143,7 @@ def decode_attention(
                                    s_max)  # fmt: skip
         outs = []
         for n in range(N):
-            s = int(lengths[n])
+            s = filled[n] + (L if k_new is not None else 0)  # from the host copy: no sync per sequence
             if paged:  # the reference reads the sequence's pages in order
                 pages = block_table[n, : -(-s // k_cache.shape[2])].long()
                 kn, vn = (c[pages].transpose(0, 1).flatten(1, 2)[None, :, :s] for c in (k_cache, v_cache))

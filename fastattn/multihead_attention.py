@@ -187,11 +187,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         # A key padding mask alone that leaves much of the batch empty: attend over the packed real keys.
         if key_padding_mask is not None and attn_mask is None and not causal and not nan_rows:
             _check_key_padding_mask(key_padding_mask, src_len, bsz)
-            kpm = key_padding_mask.view(bsz, src_len)
-            if bool(((kpm == 0) | torch.isneginf(kpm)).all()):
-                out = padded_key_attention(q, k, v, kpm == 0, dropout_p)
-                if out is not None:
-                    return self._project_out(out, tgt_len, bsz, embed_dim, is_batched)
+            out = padded_key_attention(q, k, v, key_padding_mask.view(bsz, src_len), dropout_p)
+            if out is not None:
+                return self._project_out(out, tgt_len, bsz, embed_dim, is_batched)
         # Masks stay broadcast ((1|N, 1|H, L, S) and (N, 1, 1, S)); only both together are summed.
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1 else attn_mask.view(bsz, heads, -1, src_len)

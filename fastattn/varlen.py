@@ -77,16 +77,23 @@ def varlen_attention(
     p = _check_dropout(_API, ValueError, dropout_p, upper_inclusive=False)
     scale_f = _check_scale(_API, scale, q.shape[-1])
     left, right = _check_window(window, causal)
+    out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, scale_f, left, right, p)
+    return (out, lse) if return_lse else out
+
+
+def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], scale, left, right, p):
+    """Checked packed inputs (offsets on the device and as lists) to ``(out, lse)`` on the kernels or the
+    reference; no host copy here."""
     if use_triton(_API, q.device, triton_refusal(q, v)):
+        longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+        longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
         starts_q, starts_k = cu_seqlens_q[:-1], cu_seqlens_k[:-1]
         len_q, len_k = cu_seqlens_q[1:] - starts_q, cu_seqlens_k[1:] - starts_k
         seq = torch.stack([starts_q, len_q, starts_k, len_k, len_k - len_q], 1)  # bottom-right per sequence
-        out, lse = torch.ops.fastattn.varlen_fwd(
-            q, k, v, seq.contiguous(), dropout_seed(p), scale_f, left, right, p, max(longest_q, 1), max(longest_k, 1)
+        return torch.ops.fastattn.varlen_fwd(
+            q, k, v, seq.contiguous(), dropout_seed(p), scale, left, right, p, max(longest_q, 1), max(longest_k, 1)
         )
-    else:
-        out, lse = varlen_reference(q, k, v, cu_q, cu_k, scale_f, left, right, p)
-    return (out, lse) if return_lse else out
+    return varlen_reference(q, k, v, cu_q, cu_k, scale, left, right, p)
 
 
 def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -114,28 +121,40 @@ PACK_THRESHOLD = 0.25
 
 
 def padded_key_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, dropout_p: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor | None:
-    """Attention of every query over the kept keys only, or None when packing does not pay here.
+    """Attention of every query over the real keys only, or None when packing does not apply or pay here.
 
-    q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``, ``keep`` bool ``(N, S)`` (True = a real key). The same result
-    as SDPA with the mask ``keep[:, None, None, :]`` (rows of a sequence without keys give 0), computed by
-    :func:`varlen_attention` on packed keys when the kernels run and at least PACK_THRESHOLD of the keys are
-    padding. Deciding reads the padded share from the device (one small copy)."""
+    q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``; ``key_mask`` ``(N, S)``: bool (True = a real key) or an
+    additive float mask, which packs only when its entries are 0 (keep) or -inf (drop). The result is SDPA's with
+    that mask (rows of a sequence without keys give 0), computed by the varlen kernels on packed keys when the
+    kernels run and at least PACK_THRESHOLD of the keys are padding. Deciding costs one small host copy."""
     from ._backend import current_backend, interpreting
 
     backend = current_backend()
     kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
-    if not kernels or keep.dtype != torch.bool or keep.shape != (q.shape[0], k.shape[2]):
+    if not kernels or key_mask.shape != (q.shape[0], k.shape[2]):
         return None
+    if key_mask.dtype == torch.bool:
+        keep, packable = key_mask, torch.ones((), dtype=torch.bool, device=key_mask.device)
+    else:
+        keep = key_mask == 0
+        packable = (keep | torch.isneginf(key_mask)).all()
     counts = keep.sum(1, dtype=torch.int32)
-    if 1.0 - counts.sum().item() / keep.numel() < PACK_THRESHOLD:
+    # One copy answers both questions (packable at all, and how much is padding) and gives the offsets.
+    host = torch.cat([packable.to(torch.int32)[None], counts]).tolist()
+    lengths = host[1:]
+    if not host[0] or 1.0 - sum(lengths) / keep.numel() < PACK_THRESHOLD:
         return None
     N, H, L, _ = q.shape
-    cu_q = torch.arange(0, (N + 1) * L, L, dtype=torch.int32, device=q.device)
-    cu_k = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k_list = [0]
+    for n in lengths:
+        cu_k_list.append(cu_k_list[-1] + n)
+    cu_q_list = list(range(0, (N + 1) * L, L))
+    cu_q = torch.tensor(cu_q_list, dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor(cu_k_list, dtype=torch.int32, device=q.device)
     flat = keep.flatten().nonzero().flatten()
     k_p, v_p = (t.transpose(1, 2).flatten(0, 1)[flat] for t in (k, v))
-    out = varlen_attention(q.transpose(1, 2).flatten(0, 1), k_p, v_p, cu_q, cu_k, L, max(int(counts.max()), 1),
-                           dropout_p=dropout_p)  # fmt: skip
+    out, _ = _run(q.transpose(1, 2).flatten(0, 1), k_p, v_p, cu_q, cu_k, cu_q_list, cu_k_list, q.shape[-1] ** -0.5,
+                  None, None, dropout_p)  # fmt: skip
     return out.unflatten(0, (N, L)).transpose(1, 2)

@@ -111,3 +111,26 @@ def test_paged_cache_with_pages_out_of_order(L_new, backend):
     assert torch.equal(back, k_cache)
     with pytest.raises(ValueError, match="block_table entries"):
         fastattn.decode_attention(q, *pools, seqlens, block_table=block_table + 100)
+
+
+def test_bad_shapes_and_tables_are_refused():
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup([1, 2], 2)
+    with pytest.raises(ValueError, match="k_new / v_new must be"):
+        fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new[:, :, :1], v_new=v_new)
+    with pytest.raises(ValueError, match="do not fit"):
+        fastattn.decode_attention(q, k_cache[:1], v_cache[:1], seqlens)
+    pool = torch.zeros(10, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table must be an int32"):
+        fastattn.decode_attention(q, pool, pool, seqlens, block_table=torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="block_table entries"):
+        table = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, -1]], dtype=torch.int32, device=DEVICE)
+        fastattn.decode_attention(q, pool, pool, seqlens, block_table=table)
+
+
+def test_model_cache_refuses_to_overflow():
+    from fastattn.models import GPT
+
+    model = GPT(32, 4, 1, vocab_size=20, max_len=64).to(DEVICE).eval()
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="exceed the capacity"):
+        model(torch.zeros(1, 5, dtype=torch.long, device=DEVICE), cache)

@@ -83,6 +83,17 @@ def _ring_case(rank, world, causal, layout, gqa):
         assert err < 1e-5, f"d{name}: relative error {err:.2e} (rank {rank}, causal {causal}, {layout})"
 
 
+def test_ring_attention_refuses_bad_arguments():
+    from fastattn.distributed import ring_attention
+
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ring_attention(q, q, q, layout="spiral")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="not initialized"):
+            ring_attention(q, q, q)
+
+
 def _ring_worker(rank, world):
     for causal, layout, gqa in [(False, "contiguous", False), (True, "contiguous", True), (True, "zigzag", False)]:
         _ring_case(rank, world, causal, layout, gqa)

@@ -145,3 +145,11 @@ def test_multihead_attention_packs_keys_when_padding_dominates(batch_first, monk
         (g,) = torch.autograd.grad(out, xa, dy)
     (gw,) = torch.autograd.grad(want, xb, dy)
     assert_close(g, gw.double(), torch.float32, None, "dx")
+
+
+def test_unpad_refuses_a_mask_of_the_wrong_shape_or_dtype():
+    x = torch.zeros(2, 5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="key_padding_mask must be bool of shape"):
+        fastattn.unpad(x, torch.zeros(2, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        fastattn.unpad(x, torch.zeros(2, 5, device=DEVICE))
