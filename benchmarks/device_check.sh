@@ -25,7 +25,7 @@ cat "$tmp/env.txt"
 stamp "install"
 FASTATTN_CUDA_ARCHS=${FASTATTN_CUDA_ARCHS:-90a} $py -m pip install -q --no-deps --no-build-isolation --no-index -e . \
   > "$tmp/install.log" 2>&1 && echo "pip install -e . ok" || { echo "pip install failed:"; tail -n 30 "$tmp/install.log"; }
-$py -m fastattn.info | tee -a "$tmp/env.txt"
+$py -m fastattn | tee -a "$tmp/env.txt"
 
 stamp "tests on CUDA"
 xdist=""

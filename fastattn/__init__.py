@@ -8,13 +8,13 @@ sequences and ``decode_attention`` a key/value cache. ``backend`` selects where 
 reference models, ``fastattn.distributed`` ring attention, ``fastattn.bench`` the ``fastattn-bench`` tool.
 """
 
+from ._attention import attention, scaled_dot_product_attention
 from ._backend import backend, current_backend
 from ._info import info
-from .attention import attention, scaled_dot_product_attention
+from ._patch import patch
 from .decode import decode_attention
 from .multihead_attention import MultiheadAttention
 from .norms import LayerNorm, RMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .patch import patch
 from .posenc import RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes, apply_rotary, sinusoidal_encoding
 from .varlen import pad, unpad, varlen_attention
 

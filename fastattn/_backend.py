@@ -86,6 +86,13 @@ def use_cuda(op: str, device: torch.device, refusal: Callable[[], str | None]) -
     return True
 
 
+def triton_only(op: str) -> None:
+    """For an op the CUDA C++ kernels do not implement, about to run its Triton kernel: under the ``cuda``
+    backend, say so once (the user asked for the CUDA kernels)."""
+    if current_backend() == "cuda":
+        warn_once(op, f"the CUDA C++ kernels have no {op}", instead="the Triton kernels")
+
+
 def use_triton(op: str, device: torch.device, refusal: str | None) -> bool:
     """Whether ``op`` runs its Triton kernel for tensors on ``device``.
 

@@ -1,4 +1,4 @@
-"""``fastattn.info()``: which backends can run here, and why not (``python -m fastattn.info`` prints it)."""
+"""``fastattn.info()``: which backends can run here, and why not (``python -m fastattn`` prints it)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import interpreting, use_triton
-from .attention import _autocast, _check_alibi, _check_scale
+from ._attention import _autocast, _check_alibi, _check_scale
+from ._backend import interpreting, triton_only, use_triton
 from .ops.attention_function import triton_refusal
 from .ops.attention_launch import MaskSpec, Varlen, attention_fwd
 from .ops.attention_reference import attention_reference
@@ -65,6 +65,15 @@ def _check_pages(q, k_cache, v_cache, block_table) -> None:
                          f" and {tuple(v_cache.shape)}")  # fmt: skip
 
 
+def _pages_in_use_range(block_table, cache_seqlens, new: int, page_size: int) -> torch.Tensor:
+    """(min, max) int32 of the table entries a step reads or writes: sequence n uses its first
+    ceil((cache_seqlens[n] + new) / page_size) entries. Computed on the device; 0 stands in for unused ones."""
+    pages = (cache_seqlens + (new + page_size - 1)) // page_size
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages[:, None]
+    entries = torch.where(used, block_table, 0)
+    return torch.stack([entries.amin(), entries.amax()]).to(cache_seqlens.dtype)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -101,15 +110,18 @@ def decode_attention(
            v_new)  # fmt: skip
     N, H, L, E = q.shape
     s_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    # One small copy: the bounds (lengths, and the page range of the table) must hold before the cache is written.
-    extra = torch.stack(torch.aminmax(block_table)).to(cache_seqlens.dtype) if paged else cache_seqlens[:0]
+    # One small copy: the bounds (lengths, and the range of the table's pages in use) must hold before the cache
+    # is written. Entries past a sequence's last page are not read: serving engines leave -1 there.
+    extra = _pages_in_use_range(block_table, cache_seqlens, L if k_new is not None else 0, k_cache.shape[2]) \
+        if paged else cache_seqlens[:0]  # fmt: skip
     host = torch.cat([cache_seqlens, extra]).tolist()
     filled = host[:N]
-    if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
-        raise ValueError(f"{_API}: block_table entries must be pages in [0, {k_cache.shape[0]}); got {host[N:]}")
     limit = s_max - (L if k_new is not None else 0)
     if any(n < 0 or n > limit for n in filled):
         raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
+    if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
+        raise ValueError(f"{_API}: block_table entries of the pages in use must be in [0, {k_cache.shape[0]}); got "
+                         f"entries from {host[N]} to {host[N + 1]}")  # fmt: skip
     q, k_new, v_new = _autocast(q, k_new, v_new)
     if k_new is not None:
         k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
@@ -139,6 +151,7 @@ def decode_attention(
         lengths = cache_seqlens + (L if k_new is not None else 0)
         causal = MaskSpec(offset=0, right=0)  # VARLEN offsets are relative: bottom-right per sequence
         if use_triton(_API, q.device, triton_refusal(q, v_cache)):
+            triton_only(_API)
             return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits, block_table,
                                    s_max)  # fmt: skip
         outs = []

@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import scaled_dot_product_attention
+from ._attention import scaled_dot_product_attention
 
 NAME = "fastattn"
 

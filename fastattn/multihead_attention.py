@@ -9,22 +9,32 @@ returns the L x S weights, so it runs torch's path, which materializes them (and
 
 Fully masked rows: torch's module gives NaN on its inference fast path and 0 on its autograd path; this
 module reproduces whichever torch would take for the same call.
+
+TorchScript: ``torch.jit.script`` compiles the module as torch's (TorchScript cannot compile fastattn's Python
+dispatch), so a scripted module computes what ``torch.nn.MultiheadAttention`` computes, and says so in a
+one-time warning when it is scripted. Annotations stay real (no ``from __future__ import annotations``) and
+in ``Optional`` form because TorchScript reads them.
 """
 
-from __future__ import annotations
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from .attention import scaled_dot_product_attention
+from ._attention import scaled_dot_product_attention
+from ._backend import warn_once
 from .varlen import padded_key_attention
 
 
-def route_through_module(module: nn.Module, args) -> None:
-    """A no-op forward pre-hook. ``nn.TransformerEncoderLayer`` skips its fused C++ path (which reads the
-    attention weights directly and never calls ``self_attn``) when any submodule has hooks; this one keeps
-    patched layers calling ``fastattn.MultiheadAttention``."""
+def route_through_module(module: nn.Module, args: tuple[Tensor]) -> None:
+    """A no-op forward pre-hook, put on ``out_proj`` of a patched attention module (which forward never
+    calls: it multiplies by the weights). ``nn.TransformerEncoderLayer`` skips its fused C++ path (which reads
+    the attention weights directly and never calls ``self_attn``) when any submodule has hooks; this keeps
+    patched layers calling ``fastattn.MultiheadAttention``. On ``out_proj`` the hook has ``Linear``'s one-tensor
+    signature, so ``torch.jit.script`` compiles it (on the attention module itself TorchScript would demand
+    the whole argument tuple at every call site)."""
     return None
 
 
@@ -44,15 +54,68 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(
         self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: Optional[Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        return self._fastattn_forward(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        warn_once(
+            "MultiheadAttention",
+            "TorchScript cannot compile fastattn's dispatch (torch.compile can)",
+            instead="torch's nn.MultiheadAttention computation in the scripted module",
+        )
+        return self
+
+    def _scripted_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """What a scripted module runs: torch's own computation, ``F.multi_head_attention_forward``."""
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
+            self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )  # fmt: skip
+        return (out.transpose(1, 0) if self.batch_first and batched else out), weights
+
+    @torch.jit.unused
+    def _fastattn_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Optional[Tensor]]:
         if need_weights:
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal

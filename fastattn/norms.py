@@ -8,7 +8,9 @@ from typing import Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ._backend import warn_once
 from .ops.norm_function import norm_forward
 
 Shape = Union[int, list, tuple, torch.Size]
@@ -118,15 +120,42 @@ def add_rms_norm(
     return norm_forward("add_rms_norm", x, shape, weight, None, eps, True, residual, dropout_p, training)
 
 
+def _scripted_as_torch(name: str) -> None:
+    warn_once(name, "TorchScript cannot compile fastattn's dispatch (torch.compile can)",
+              instead=f"torch's nn.{name} computation in the scripted module")  # fmt: skip
+
+
 class LayerNorm(nn.LayerNorm):
-    """Drop-in for :class:`torch.nn.LayerNorm` (same constructor, parameters, state dict) on the kernel."""
+    """Drop-in for :class:`torch.nn.LayerNorm` (same constructor, parameters, state dict) on the kernel. A
+    ``torch.jit.script``-ed copy computes torch's layer norm (with a one-time warning saying so)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self._fastattn_forward(input)
+
+    @torch.jit.unused
+    def _fastattn_forward(self, input: torch.Tensor) -> torch.Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _scripted_as_torch("LayerNorm")
+        return self
 
 
 class RMSNorm(nn.RMSNorm):
-    """Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters, state dict) on the kernel."""
+    """Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters, state dict) on the kernel. A
+    ``torch.jit.script``-ed copy computes torch's RMSNorm (with a one-time warning saying so)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return self._fastattn_forward(x)
+
+    @torch.jit.unused
+    def _fastattn_forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        _scripted_as_torch("RMSNorm")
+        return self

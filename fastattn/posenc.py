@@ -103,9 +103,10 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}"
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """The standard ALiBi slopes (Press et al.), float32 ``(num_heads,)``: for a power of two n, ``2^(-8i/n)``
-    for i = 1..n; otherwise those of the power of two below, then every other slope of twice that."""
+def alibi_slopes(num_heads: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The standard ALiBi slopes (Press et al.), float32 ``(num_heads,)`` on ``device`` (default: torch's
+    default device, as ``torch.tensor``): for a power of two n, ``2^(-8i/n)`` for i = 1..n; otherwise those of
+    the power of two below, then every other slope of twice that."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads < 1:
         raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
 
@@ -114,4 +115,4 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
     low = 2 ** (int(num_heads).bit_length() - 1)
     slopes = geometric(low) + geometric(2 * low)[0::2][: num_heads - low]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=torch.float32, device=device)

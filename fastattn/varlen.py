@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import use_triton
-from .attention import _autocast, _check_dropout, _check_scale, _check_window
+from ._attention import _autocast, _check_dropout, _check_scale, _check_window
+from ._backend import triton_only, use_triton
 from .ops.attention_function import dropout_seed, triton_refusal
 from .ops.varlen_function import varlen_reference
 
@@ -85,6 +85,7 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], 
     """Checked packed inputs (offsets on the device and as lists) to ``(out, lse)`` on the kernels or the
     reference; no host copy here."""
     if use_triton(_API, q.device, triton_refusal(q, v)):
+        triton_only(_API)
         longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
         longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
         starts_q, starts_k = cu_seqlens_q[:-1], cu_seqlens_k[:-1]
@@ -132,7 +133,8 @@ def padded_key_attention(
     from ._backend import current_backend, interpreting
 
     backend = current_backend()
-    kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
+    # The CUDA C++ kernels take a key padding mask themselves (per-batch key lengths): no packing under "cuda".
+    kernels = backend not in ("torch", "cuda") and (q.is_cuda or (interpreting() and backend != "auto"))
     if not kernels or key_mask.shape != (q.shape[0], k.shape[2]):
         return None
     if key_mask.dtype == torch.bool:

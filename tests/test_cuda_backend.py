@@ -66,7 +66,7 @@ def test_info_names_each_backend():
     assert {"torch_backend", "triton_backend", "cuda_backend"} <= set(report)
     for name in ("triton_backend", "cuda_backend"):
         assert report[name]["usable"] or report[name]["why"], report[name]
-    out = subprocess.run([sys.executable, "-m", "fastattn.info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "fastattn"], capture_output=True, text=True, check=True)
     assert "cuda" in out.stdout and "triton" in out.stdout
 
 

@@ -122,9 +122,30 @@ def test_bad_shapes_and_tables_are_refused():
     pool = torch.zeros(10, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="block_table must be an int32"):
         fastattn.decode_attention(q, pool, pool, seqlens, block_table=torch.zeros(2, 5, dtype=torch.int64))
-    with pytest.raises(ValueError, match="block_table entries"):
-        table = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, -1]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table entries"):  # a page in use (lengths 1 and 2: the first)
+        table = torch.tensor([[0, 1, 2, 3, 4], [-1, 6, 7, 8, 9]], dtype=torch.int32, device=DEVICE)
         fastattn.decode_attention(q, pool, pool, seqlens, block_table=table)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_unused_table_entries_may_be_minus_one(backend):
+    """Serving engines put -1 in the table entries past a sequence's last page: they are never read."""
+    lengths, page, L_new = [0, 9, 21], 8, 2
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=40, seed=6)
+    N, HK, S_max, E = k_cache.shape
+    pages = [-(-(n + L_new) // page) for n in lengths]  # pages in use after the step: 1, 2, 3
+    table = torch.full((N, S_max // page), -1, dtype=torch.int32)
+    pools = [torch.zeros(sum(pages), HK, page, E, device=DEVICE) for _ in range(2)]
+    first = 0
+    for n, used in enumerate(pages):
+        table[n, :used] = torch.arange(first, first + used, dtype=torch.int32)
+        for pool, cache in zip(pools, (k_cache, v_cache)):
+            pool[first : first + used] = cache[n, :, : used * page].unflatten(1, (used, page)).transpose(0, 1)
+        first += used
+    with fastattn.backend(backend):
+        want = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+        got = fastattn.decode_attention(q, *pools, seqlens, k_new=k_new, v_new=v_new, block_table=table.to(DEVICE))
+    assert_close(got, want.double(), torch.float32, None, "paged out")
 
 
 def test_model_cache_refuses_to_overflow():

@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import fastattn
+from fastattn import _torch
 from fastattn.ops.attention_configs import tuned_configs
 
 from .common import kernel_backends, on_backend, time_ms
@@ -42,7 +42,7 @@ def _sdpa_backend(name: str) -> Callable:
 
     def run(q, k, v, causal):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return _torch.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     return run
 
@@ -133,8 +133,8 @@ def bench_cpu(cases=CPU_CASES) -> list[dict]:
     rows = []
     for L, e, causal in cases:
         q, k, v = (torch.randn(2, 8, L, e) for _ in range(3))
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        impls = {"fastattn": fastattn.scaled_dot_product_attention, "torch-sdpa": F.scaled_dot_product_attention}
+        ref = _torch.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        impls = {"fastattn": fastattn.scaled_dot_product_attention, "torch-sdpa": _torch.scaled_dot_product_attention}
         for name, fn in impls.items():
             out = fn(q, k, v, is_causal=causal)
             ms = time_ms(lambda fn=fn, q=q, k=k, v=v, c=causal: fn(q, k, v, is_causal=c))

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import fastattn
+from fastattn import _torch
 
 from .common import kernel_backends, on_backend, time_ms
 from .report import report
@@ -34,7 +34,7 @@ def _decode_torch(q, k_cache, v_cache, filled, k_new, v_new):
     s = int(filled[0]) + 1
     k_cache[:, :, s - 1 : s] = k_new
     v_cache[:, :, s - 1 : s] = v_new
-    return F.scaled_dot_product_attention(q, k_cache[:, :, :s], v_cache[:, :, :s], enable_gqa=True)
+    return _torch.scaled_dot_product_attention(q, k_cache[:, :, :s], v_cache[:, :, :s], enable_gqa=True)
 
 
 def run_decode(quick: bool = False) -> list[dict]:
@@ -72,7 +72,7 @@ def _varlen_ours(q, k, v, cu, longest, padded):
 
 
 def _varlen_torch(q, k, v, cu, longest, padded):
-    return F.scaled_dot_product_attention(*padded, is_causal=True)
+    return _torch.scaled_dot_product_attention(*padded, is_causal=True)
 
 
 def run_varlen(quick: bool = False) -> list[dict]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import fastattn
+from fastattn import _torch
 
 from .common import kernel_backends, on_backend, time_ms
 from .report import report
@@ -24,10 +24,10 @@ from .report import report
 def _impls(kind: str) -> dict:
     if kind == "layer_norm":
         ours = lambda x, w, b: fastattn.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
-        ref = lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
+        ref = lambda x, w, b: _torch.layer_norm(x, x.shape[-1:], w, b)  # noqa: E731
     else:
         ours = lambda x, w, b: fastattn.rms_norm(x, x.shape[-1:], w)  # noqa: E731
-        ref = lambda x, w, b: F.rms_norm(x, x.shape[-1:], w)  # noqa: E731
+        ref = lambda x, w, b: _torch.rms_norm(x, x.shape[-1:], w)  # noqa: E731
     impls = {name: on_backend(ours, backend) for name, backend in kernel_backends().items()}
     impls["torch"] = ref
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastattn
+from fastattn import _torch
 from fastattn.ops.posenc_function import inv_freq, sinusoidal_table
 
 IMPLS = ("fastattn", "torch")
@@ -27,11 +28,11 @@ def check_impl(impl: str) -> str:
 
 
 def layer_norm(d: int, impl: str) -> nn.Module:
-    return fastattn.LayerNorm(d) if impl == "fastattn" else nn.LayerNorm(d)
+    return fastattn.LayerNorm(d) if impl == "fastattn" else _torch.TorchLayerNorm(d)
 
 
 def rms_norm(d: int, impl: str) -> nn.Module:
-    return fastattn.RMSNorm(d) if impl == "fastattn" else nn.RMSNorm(d)
+    return fastattn.RMSNorm(d) if impl == "fastattn" else _torch.TorchRMSNorm(d)
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ class Attention(nn.Module):
                 packed = fastattn.varlen.padded_key_attention(q, k, v, mask[:, 0, 0], p)
                 if packed is not None:
                     return self.out_proj(packed.transpose(1, 2).flatten(2))
-        sdpa = fastattn.scaled_dot_product_attention if self.impl == "fastattn" else F.scaled_dot_product_attention
+        sdpa = fastattn.scaled_dot_product_attention if self.impl == "fastattn" else _torch.scaled_dot_product_attention
         out = sdpa(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=self.kv_heads != self.nhead)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 

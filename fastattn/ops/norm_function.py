@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from .. import _torch
 from .._backend import use_cuda, use_triton
 from .attention_function import SUPPORTED_DTYPES, dropout_seed
 from .norm_cuda import cuda_refusal, norm_bwd_cuda, norm_fwd_cuda
@@ -100,13 +100,13 @@ def _autocast_dtype(x: torch.Tensor, shape, is_rms: bool) -> torch.dtype | None:
     if not torch.is_autocast_enabled(x.device.type):
         return None
     probe = x.new_empty((0, *shape))
-    return (F.rms_norm(probe, shape) if is_rms else F.layer_norm(probe, shape)).dtype
+    return (_torch.rms_norm(probe, shape) if is_rms else _torch.layer_norm(probe, shape)).dtype
 
 
 def _torch_norm(x, shape, weight, bias, eps, is_rms):
     if is_rms:
-        return F.rms_norm(x, shape, weight, eps)
-    return F.layer_norm(x, shape, weight, bias, eps)
+        return _torch.rms_norm(x, shape, weight, eps)
+    return _torch.layer_norm(x, shape, weight, bias, eps)
 
 
 def norm_forward(
@@ -145,5 +145,5 @@ def norm_forward(
         return (y, s) if fused else y
     if not fused:
         return _torch_norm(x, shape, weight, bias, eps, is_rms)
-    s = F.dropout(x, p) + residual if p > 0.0 else x + residual
+    s = _torch.dropout(x, p) + residual if p > 0.0 else x + residual
     return _torch_norm(s, shape, weight, bias, eps, is_rms), s

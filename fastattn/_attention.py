@@ -10,8 +10,10 @@ import math
 from numbers import Real
 
 import torch
-import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from . import _torch
 from ._backend import use_triton
 from .ops.attention_function import attention_forward, triton_refusal
 from .ops.attention_launch import MaskSpec, RotarySpec
@@ -79,15 +81,27 @@ def _check_mask(api: str, exc: type[Exception], name: str, mask, q: torch.Tensor
     if mask.dim() < 2:
         # torch's SDPA indexes dim -2 of the mask and fails with IndexError; keep that class, say why.
         raise IndexError(f"{api}: {name} must be at least 2-D (L, S), got shape {tuple(mask.shape)}")
-    try:
-        if torch.broadcast_shapes(mask.shape, scores) != torch.Size(scores):
-            raise RuntimeError
-    except RuntimeError:
+    if not _broadcasts(mask.shape, scores):
         raise exc(
             f"{api}: {name} of shape {tuple(mask.shape)} does not broadcast to the attention scores "
             f"(..., L, S) = {scores}"
-        ) from None
+        )
     return mask.expand(scores)
+
+
+def _broadcasts(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (checked by hand: catching torch's RuntimeError
+    would also catch unrelated errors, a RecursionError among them)."""
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
+def _merges_batch(t: torch.Tensor, batch_dims: int) -> bool:
+    """Whether the first ``batch_dims`` dims of ``t`` merge into one without a copy (so a broadcast mask
+    stays broadcast): each dim's stride must be the next one's stride times its size (size-1 dims aside)."""
+    dims = [(n, st) for n, st in zip(t.shape[:batch_dims], t.stride()[:batch_dims]) if n != 1]
+    return all(st == n_next * st_next for (_, st), (n_next, st_next) in zip(dims, dims[1:]))
 
 
 def _autocast(*tensors):
@@ -123,6 +137,33 @@ def _sdpa_exotic(q, k, v, dropout_p) -> str | None:
     return None
 
 
+def _causal_bias(api: str, bias: CausalBias, q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> MaskSpec:
+    """torch's ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``: no data, a variant and two
+    lengths) as the kernels' own causal rule: top-left (offset 0) or bottom-right (offset S - L)."""
+    if is_causal:  # torch's CausalBias raises the same
+        raise ValueError(f"{api}: a CausalBias attn_mask should not be used with is_causal=True")
+    L, S = q.shape[-2], k.shape[-2]
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise RuntimeError(
+            f"{api}: attn_mask is a CausalBias for (L, S) = ({bias.seq_len_q}, {bias.seq_len_kv}), but query and "
+            f"key give ({L}, {S})"
+        )
+    if bias.variant == CausalVariant.UPPER_LEFT or L == S:
+        return MaskSpec(offset=0, right=0)
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return MaskSpec(offset=S - L, right=0)
+    raise ValueError(f"{api}: CausalBias.variant must be a CausalVariant, got {bias.variant!r}")
+
+
+def _torch_sdpa_causal(q, k, v, spec: MaskSpec, dropout_p, scale, enable_gqa) -> torch.Tensor:
+    """torch's own SDPA (bound at import: never this module again) under a CausalBias's rule ``spec``."""
+    if spec.offset == 0:
+        return _torch.scaled_dot_product_attention(q, k, v, None, dropout_p, True, scale=scale, enable_gqa=enable_gqa)
+    L, S = q.shape[-2], k.shape[-2]  # bottom-right: the dense mask torch's math path builds for it too
+    tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+    return _torch.scaled_dot_product_attention(q, k, v, tril, dropout_p, scale=scale, enable_gqa=enable_gqa)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -138,11 +179,27 @@ def scaled_dot_product_attention(
 
     Shapes: query ``(..., H, L, E)``, key ``(..., H_kv, S, E)``, value ``(..., H_kv, S, Ev)`` (the head dim may
     be absent: ``(L, E)``); returns ``(..., H, L, Ev)``. ``attn_mask`` broadcastable to ``(..., H, L, S)``: bool
-    (True = takes part) or float (added to the scaled scores), never expanded in memory. ``is_causal`` is
-    top-left aligned as in torch (query i sees keys j <= i) and combines with a mask. ``enable_gqa`` lets
-    H be a multiple of H_kv. Fully masked rows give 0, as torch does. Errors are torch's classes.
+    (True = takes part) or float (added to the scaled scores), never expanded in memory; or torch's
+    ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``), run as the kernels' causal rule of that
+    alignment. ``is_causal`` is top-left aligned as in torch (query i sees keys j <= i) and combines with a
+    mask. ``enable_gqa`` lets H be a multiple of H_kv. Fully masked rows give 0, as torch does. Errors are
+    torch's classes. Other tensor subclasses (and torch function modes) are dispatched through
+    ``__torch_function__`` as torch's SDPA does.
     """
+    causal_bias = isinstance(attn_mask, CausalBias)
+    others = (query, key, value) if causal_bias else (query, key, value, attn_mask)
+    if has_torch_function_variadic(*others):
+        return handle_torch_function(
+            scaled_dot_product_attention, others, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
     _check_qkv(_SDPA, RuntimeError, query, key, value)
+    spec = None
+    if causal_bias:
+        spec = _causal_bias(_SDPA, attn_mask, query, key, is_causal)
+        attn_mask = None
+    elif is_causal:
+        spec = MaskSpec(offset=0, right=0)
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     p = _check_dropout(_SDPA, RuntimeError, dropout_p, upper_inclusive=True)
     scale_f = _check_scale(_SDPA, scale, query.shape[-1])
@@ -161,13 +218,24 @@ def scaled_dot_product_attention(
                 f"{_SDPA}: number of heads in key and value ({hk}) must divide the number of heads in query ({hq})"
             )
     if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
-        return F.scaled_dot_product_attention(
+        if causal_bias:
+            return _torch_sdpa_causal(query, key, value, spec, dropout_p, scale, enable_gqa)
+        return _torch.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
+    return _sdpa_kernels(query, key, value, mask, spec, p, scale_f)
+
+
+def _sdpa_kernels(query, key, value, mask, spec: MaskSpec | None, p: float, scale: float) -> torch.Tensor:
+    """The checked SDPA call on the kernels, (..., L, E) folded to (Z, H, L, E)."""
+    if mask is not None and query.dim() > 4 and not _merges_batch(mask, query.dim() - 3):
+        # The mask's batch dims do not fold into one stride (broadcast along some of them only): take the
+        # leading dim one index at a time rather than copy the mask out to every batch element.
+        return torch.stack([_sdpa_kernels(query[i], key[i], value[i], mask[i], spec, p, scale)
+                            for i in range(query.shape[0])])  # fmt: skip
     q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
-    bias4 = None if mask is None else mask.reshape(q4.shape[0], q4.shape[1], q4.shape[2], S)
-    spec = MaskSpec(offset=0, right=0) if is_causal else MaskSpec()
-    out, _ = attention_forward(_SDPA, q4, k4, v4, bias4, scale_f, spec, p)
+    bias4 = None if mask is None else mask.reshape(q4.shape[0], q4.shape[1], q4.shape[2], key.shape[-2])
+    out, _ = attention_forward(_SDPA, q4, k4, v4, bias4, scale, spec or MaskSpec(), p)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 
@@ -179,7 +247,10 @@ def _check_alibi(api: str, slopes, q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{api}: alibi_slopes must be floating, of shape ({H},) or ({N}, {H}); got "
                          f"{slopes.dtype} {tuple(slopes.shape)}")  # fmt: skip
     if slopes.device != q.device:
-        raise ValueError(f"{api}: alibi_slopes is on {slopes.device}, q on {q.device}")
+        raise ValueError(
+            f"{api}: alibi_slopes is on {slopes.device}, q on {q.device} (fastattn.alibi_slopes(H, device=q.device) "
+            f"makes them there)"
+        )
     return slopes.detach().to(torch.float32).contiguous()
 
 

@@ -8,11 +8,12 @@ import warnings
 
 import torch.nn as nn
 
+from ._torch import TorchLayerNorm, TorchMultiheadAttention, TorchRMSNorm
 from .multihead_attention import MultiheadAttention, route_through_module
 from .norms import LayerNorm, RMSNorm
 
 # torch module -> its fastattn subclass (no state of its own: a class swap keeps everything else).
-SWAPS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm}
+SWAPS = {TorchLayerNorm: LayerNorm, TorchRMSNorm: RMSNorm}
 
 logger = logging.getLogger("fastattn")
 
@@ -25,17 +26,18 @@ def patch(model: nn.Module) -> nn.Module:
 
     The modules keep their parameters (the same tensors, so optimizers and weight tying still hold), buffers,
     device, dtype, training mode and hooks: ``fastattn.MultiheadAttention`` is a subclass with no state of
-    its own, so each module only changes class. Each also gets a no-op forward pre-hook, which keeps
-    ``nn.TransformerEncoderLayer`` from its fused C++ path that would bypass the module. The qualified names
-    of the replaced modules are logged (logger ``"fastattn"``) and kept in ``model.fastattn_patched``.
+    its own, so each module only changes class. Each also gets a no-op forward pre-hook (on its ``out_proj``),
+    which keeps ``nn.TransformerEncoderLayer`` from its fused C++ path that would bypass the module. The
+    qualified names of the replaced modules are logged (logger ``"fastattn"``) and kept in
+    ``model.fastattn_patched``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() expects an nn.Module, got {type(model).__name__}")
     replaced = []
     for name, module in model.named_modules():
-        if type(module) is nn.MultiheadAttention:
+        if type(module) is TorchMultiheadAttention:
             module.__class__ = MultiheadAttention
-            module.register_forward_pre_hook(route_through_module)
+            module.out_proj.register_forward_pre_hook(route_through_module)
             replaced.append(name or "<root>")
         elif type(module) in SWAPS:
             module.__class__ = SWAPS[type(module)]
