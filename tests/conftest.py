@@ -19,6 +19,13 @@ if os.environ.get("CI"):
 
 
 @pytest.fixture(autouse=True)
+def _name_the_running_test(request):
+    from helpers import CURRENT_TEST
+
+    CURRENT_TEST[0] = request.node.nodeid
+
+
+@pytest.fixture(autouse=True)
 def _skip_cuda_backend_where_it_cannot_run(request):
     """Cases parametrized with backend="cuda" skip, with the reason, where the CUDA kernels cannot run."""
     callspec = getattr(request.node, "callspec", None)
@@ -28,3 +35,25 @@ def _skip_cuda_backend_where_it_cannot_run(request):
         why = cuda_backend_skip()
         if why is not None:
             pytest.skip(why)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The low-precision rule's ratios, as the README promises: error / torch's error per check, per dtype."""
+    from helpers import FLOOR, RATIOS
+
+    if not RATIOS:
+        return
+    terminalreporter.section("fp16/bf16 errors against float64, as multiples of torch's own (bound: 2x + floor)")
+    for dtype in FLOOR:
+        rows = [r for r in RATIOS if r[1] == dtype and r[3] > 0]
+        exact = sum(1 for r in RATIOS if r[1] == dtype and r[3] == 0)
+        if not rows:
+            continue
+        worst = max(rows, key=lambda r: r[2] / r[3])
+        ratios = sorted(err / t for _, _, err, t in rows)
+        decided = sum(1 for r in RATIOS if r[1] == dtype and r[2] > 2 * r[3])  # would fail without the floor
+        terminalreporter.write_line(
+            f"{str(dtype).replace('torch.', ''):9s} {len(rows)} checks: median {ratios[len(ratios) // 2]:.2f}x, "
+            f"max {ratios[-1]:.2f}x ({worst[0]}); {exact} where torch is exact (bound: the floor, "
+            f"{FLOOR[dtype]:.1e}); the floor decided {decided}"
+        )

@@ -81,3 +81,21 @@ def test_triton_without_cuda_or_interpreter_warns(monkeypatch):
     q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
     with fastattn.backend("triton"), pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
         fastattn.attention(q, k, v)
+
+
+def test_torch_backend_hands_the_drop_in_to_torchs_own_sdpa(monkeypatch):
+    """Under "torch" (and "auto" on the CPU) the drop-in is torch's SDPA itself, called with the caller's
+    arguments: comparing its numbers with torch's would compare torch with itself, so the dispatch is what is
+    checked here."""
+    from fastattn import _torch
+
+    seen = []
+    monkeypatch.setattr(_torch, "scaled_dot_product_attention", lambda *a, **k: seen.append((a, k)) or "torch")
+    q, k, v = randn(1, 4, 8, 16), randn(1, 2, 9, 16), randn(1, 2, 9, 16)
+    mask = torch.ones(8, 9, dtype=torch.bool, device=DEVICE)
+    with fastattn.backend("torch"):
+        got = fastattn.scaled_dot_product_attention(q, k, v, mask, 0.25, True, scale=0.5, enable_gqa=True)
+    assert got == "torch" and len(seen) == 1
+    args, kwargs = seen[0]
+    assert all(a is b for a, b in zip(args[:4], (q, k, v, mask))) and args[4:] == (0.25, True)
+    assert kwargs == {"scale": 0.5, "enable_gqa": True}

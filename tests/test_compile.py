@@ -109,9 +109,14 @@ def test_autocast_gives_torchs_dtypes(backend):
             (fastattn.layer_norm(x.bfloat16(), (32,), w), F.layer_norm(x.bfloat16(), (32,), w)),
             (fastattn.rms_norm(x, (32,), w), F.rms_norm(x, (32,), w)),
         ]
-    for ours, theirs in pairs:
+    # float64 references of the same computation on the inputs as each op sees them (SDPA: cast to bf16)
+    qd, kd, vd = (t.to(torch.bfloat16).double().cpu() for t in (q, k, v))
+    xd, xbd, wd = x.double().cpu(), x.bfloat16().double().cpu(), w.double().cpu()
+    sdpa_ref = F.scaled_dot_product_attention(qd, kd, vd)
+    refs = [sdpa_ref, sdpa_ref, F.layer_norm(xd, (32,), wd), F.layer_norm(xbd, (32,), wd), F.rms_norm(xd, (32,), wd)]
+    for (ours, theirs), ref in zip(pairs, refs):
         assert ours.dtype == theirs.dtype
-        assert_close(ours, theirs.double(), torch.bfloat16, None, "autocast result")
+        assert_close(ours, ref, theirs.dtype, theirs, "autocast result")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close, cuda_backend_skip, randn
+from helpers import DEVICE, assert_close, cuda_backend_skip, randn, torch_result, torch_rotary
 
 import fastattn
+from fastattn import _torch
 from fastattn.ops import attention_cuda, norm_cuda, posenc_cuda
 from fastattn.ops.attention_launch import MaskSpec, attention_fwd
 from fastattn.ops.attention_reference import attention_reference
@@ -47,6 +48,31 @@ def _leaf64(x):
     return x.detach().cpu().double().requires_grad_()
 
 
+def _visible(L: int, S: int, spec: MaskSpec) -> torch.Tensor:
+    """(L, S) bool: query i sees key j under ``spec`` (the rule of fastattn.attention, written out)."""
+    i, j = torch.arange(L)[:, None] + spec.offset, torch.arange(S)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if spec.left is not None:
+        keep &= j >= i - spec.left
+    if spec.right is not None:
+        keep &= j <= i + spec.right
+    return keep
+
+
+def _torch_attention(q, k, v, keep, scale, dout):
+    """torch's own SDPA in q's dtype on the GPU with the mask ``keep``, output and gradients. Leading rows that
+    see no key (causal with L > S) are left out of torch's call and given 0, fastattn's documented result
+    there (torch's fused kernels may give NaN on them)."""
+    first = int((~keep.any(-1)).cumprod(0).sum())
+    out, grads = torch_result(
+        lambda q, k, v: _torch.scaled_dot_product_attention(q, k, v, keep[first:].to(q.device), scale=scale,
+                                                            enable_gqa=True),
+        [q[:, :, first:], k, v], dout[:, :, first:],
+    )  # fmt: skip
+    pad = (0, 0, first, 0)
+    return torch.nn.functional.pad(out, pad), [torch.nn.functional.pad(grads[0], pad), *grads[1:]]
+
+
 ATTENTION_CASES = [
     pytest.param((2, 3, 3, 97, 97), {}, id="full-odd"),
     pytest.param((1, 4, 4, 70, 200), {"causal": True}, id="causal-L<S"),
@@ -71,18 +97,16 @@ def test_cuda_attention_matches_reference(shape, kw, head_dim, dtype, calls):
     spec = MaskSpec(offset=S - L, left=left, right=right)
     ref_in = [_leaf64(x) for x in (q, k, v)]
     ref, ref_lse = attention_reference(*ref_in, scale=head_dim**-0.5, mask=spec)
-    with torch.no_grad():
-        torch_out, _ = attention_reference(*(x.detach() for x in (q, k, v)), scale=head_dim**-0.5, mask=spec,
-                                           compute_dtype=dtype)  # fmt: skip
-    assert_close(out, ref, dtype, torch_out.cpu(), "out")
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    torch_out, torch_grads = _torch_attention(q, k, v, _visible(L, S, spec), head_dim**-0.5, dout)
+    assert_close(out, ref, dtype, torch_out, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
     assert (lse.cpu()[finite] - ref_lse[finite]).abs().max() < 1e-2
-    dout = torch.randn(ref.shape, dtype=torch.float64)
     got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
     want = torch.autograd.grad(ref, ref_in, dout)
-    for name, g, w in zip("qkv", got, want):
-        assert_close(g, w, dtype, None, f"d{name}")
+    for name, g, w, t in zip("qkv", got, want, torch_grads):
+        assert_close(g, w, dtype, t, f"d{name}")
     assert calls == {"attention_fwd_cuda": 1, "attention_bwd_cuda": 1}
 
 
@@ -95,11 +119,13 @@ def test_cuda_sdpa_key_padding_mask(dtype, calls):
         out = fastattn.scaled_dot_product_attention(q, k, v, mask)
     ref_in = [_leaf64(x) for x in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, mask.cpu())
-    assert_close(out, ref, dtype, None, "out")
     dout = torch.randn(ref.shape, dtype=torch.float64)
-    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype)),
-                          torch.autograd.grad(ref, ref_in, dout)):  # fmt: skip
-        assert_close(g, w, dtype, None, f"d{name}")
+    torch_out, torch_grads = torch_result(lambda q, k, v: _torch.scaled_dot_product_attention(q, k, v, mask),
+                                          [q, k, v], dout)  # fmt: skip
+    assert_close(out, ref, dtype, torch_out, "out")
+    for name, g, w, t in zip("qkv", torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype)),
+                             torch.autograd.grad(ref, ref_in, dout), torch_grads):  # fmt: skip
+        assert_close(g, w, dtype, t, f"d{name}")
     assert calls["attention_fwd_cuda"] == 1 and calls["attention_bwd_cuda"] == 1
 
 
@@ -126,11 +152,16 @@ def test_cuda_dropout_backward_uses_the_forward_mask(calls):
     out = attention_cuda.CudaAttention.apply(qq, kk, v, None, 0.125, spec, 0.3, 11)[0]
     ref_in = [_leaf64(x) for x in (qq, kk, v)]
     ref, _ = attention_reference(*ref_in, scale=0.125, mask=spec, dropout_p=0.3, keep=keep)
-    assert_close(out, ref, torch.float16, None, "out")
     dout = torch.randn(ref.shape, dtype=torch.float64)
-    for name, g, w in zip("qkv", torch.autograd.grad(out, (qq, kk, v), dout.to(DEVICE, torch.float16)),
-                          torch.autograd.grad(ref, ref_in, dout)):  # fmt: skip
-        assert_close(g, w, torch.float16, None, f"d{name}")
+    kept = keep.to(DEVICE)
+    # torch's own ops in fp16 with the same kept scores: softmax, the dropout scaling, the product
+    torch_out, torch_grads = torch_result(
+        lambda q, k, v: (torch.softmax(q @ k.transpose(-1, -2) * 0.125, -1) * kept / 0.7) @ v, [qq, kk, v], dout
+    )
+    assert_close(out, ref, torch.float16, torch_out, "out")
+    for name, g, w, t in zip("qkv", torch.autograd.grad(out, (qq, kk, v), dout.to(DEVICE, torch.float16)),
+                             torch.autograd.grad(ref, ref_in, dout), torch_grads):  # fmt: skip
+        assert_close(g, w, torch.float16, t, f"d{name}")
 
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), *LOW]
@@ -146,19 +177,20 @@ def test_cuda_norm_forward_backward(rows, hidden, dtype, rms, calls):
     w = randn(hidden, dtype=dtype, requires_grad=True)
     b = None if rms else randn(hidden, dtype=dtype, requires_grad=True)
     with fastattn.backend("cuda"):
-        y = fastattn.rms_norm(x, (hidden,), w) if rms else fastattn.layer_norm(x, (hidden,), w, b)
+        y = fastattn.rms_norm(x, (hidden,), w, 1e-5) if rms else fastattn.layer_norm(x, (hidden,), w, b, 1e-5)
     params = [t for t in (x, w, b) if t is not None]
     ref_in = [_leaf64(t) for t in params]
-    ref = (
-        F.rms_norm(ref_in[0], (hidden,), ref_in[1], 1e-5)
-        if rms
-        else F.layer_norm(*ref_in[:1], (hidden,), *ref_in[1:], 1e-5)
-    )
-    assert_close(y, ref, dtype, None, "y")
+
+    def norm(x, w, b=None):
+        return F.rms_norm(x, (hidden,), w, 1e-5) if rms else F.layer_norm(x, (hidden,), w, b, 1e-5)
+
+    ref = norm(*ref_in)
     dy = torch.randn(ref.shape, dtype=torch.float64)
+    torch_out, torch_grads = torch_result(norm, params, dy)
+    assert_close(y, ref, dtype, torch_out, "y")
     got = torch.autograd.grad(y, params, dy.to(DEVICE, dtype))
-    for name, g, want in zip(("dx", "dw", "db"), got, torch.autograd.grad(ref, ref_in, dy)):
-        assert_close(g, want, dtype, None, name)
+    for name, g, want, t in zip(("dx", "dw", "db"), got, torch.autograd.grad(ref, ref_in, dy), torch_grads):
+        assert_close(g, want, dtype, t, name)
     assert calls == {"norm_fwd_cuda": 1, "norm_bwd_cuda": 1}
 
 
@@ -187,7 +219,11 @@ def test_cuda_sinusoidal_and_rotary(dtype, monkeypatch):
     xd = x.double().cpu()
     y_ref = xd + sinusoidal_table(torch.arange(1000, 1050), 64)
     pos = torch.arange(7, 57)[None]
-    assert_close(y, y_ref, dtype, None, "sinusoidal")
-    assert_close(rq, rotary_reference(xd, pos, 10000.0, False, 48), dtype, None, "rotary q")
-    assert_close(rk, rotary_reference(xd[:, :1], pos, 10000.0, False, 48), dtype, None, "rotary k")
+    table = sinusoidal_table(torch.arange(1000, 1050), 64)
+    assert_close(y, y_ref, dtype, x + table.to(DEVICE, dtype), "sinusoidal")  # torch: the table added in dtype
+    pos_d = pos.to(DEVICE)
+    assert_close(rq, rotary_reference(xd, pos, 10000.0, False, 48), dtype, torch_rotary(x, pos_d, 48, False),
+                 "rotary q")  # fmt: skip
+    assert_close(rk, rotary_reference(xd[:, :1], pos, 10000.0, False, 48), dtype,
+                 torch_rotary(x[:, :1], pos_d, 48, False), "rotary k")  # fmt: skip
     assert set(ran) == {"sinusoidal_fwd_cuda", "rotary_fwd_cuda"}

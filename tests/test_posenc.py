@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_close, randn
+from helpers import BACKENDS, DEVICE, assert_close, randn, torch_result, torch_rotary
 
 import fastattn
+from fastattn import _torch
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16")]  # fmt: skip
@@ -98,14 +99,18 @@ def test_rotary_matches_formula(rot, pos_kind, interleaved, dtype, backend):
     with fastattn.backend(backend):
         qr, kr = fastattn.apply_rotary(q, k, **kw)
     r = E if rot is None else rot
+
+    def torch_own(x, pos):  # low precision only: fp32 keeps its fixed bound (torch's fp32 angles drift at 5000)
+        return None if dtype == torch.float32 else torch_rotary(x.detach().cpu(), pos, r, interleaved)
+
     for name, got, src in (("q", qr, q), ("k", kr, k)):
         want = formula_rotary(src.detach().cpu(), pos, r, interleaved)
-        assert_close(got, want, dtype, None, name)
+        assert_close(got, want, dtype, torch_own(src, pos), name)
     # The rotation is orthogonal: the gradient is the opposite rotation of the incoming one.
     dq = randn(N, H, L, E, dtype=dtype)
     (g,) = torch.autograd.grad(qr, q, dq)
     want = formula_rotary(dq.cpu(), -pos, r, interleaved)
-    assert_close(g, want, dtype, None, "dq")
+    assert_close(g, want, dtype, torch_own(dq, -pos), "dq")
 
 
 def test_rotary_module_and_errors():
@@ -148,18 +153,24 @@ def test_rotary_fused_into_attention(L, S, interleaved, dim, dtype, backend):
     with fastattn.backend(backend):
         out = fastattn.attention(q, k, v, causal=True, rotary=rope, rotary_offset=5)
     leaves = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
-    if L == S:  # the two-step path of the issue, literally
-        qr, kr = fastattn.apply_rotary(leaves[0], leaves[1], offset=5, interleaved=interleaved, rotary_dim=dim)
-    else:
-        qr = formula_rotary(leaves[0], torch.arange(5 + S - L, 5 + S)[None], dim, interleaved)
-        kr = formula_rotary(leaves[1], torch.arange(5, 5 + S)[None], dim, interleaved)
-    ref = fastattn.attention(qr, kr, leaves[2], causal=True)
-    assert_close(out, ref, dtype, None, "out")
+    pos_q, pos_k = torch.arange(5 + S - L, 5 + S)[None], torch.arange(5, 5 + S)[None]
+    keep = torch.ones(L, S, dtype=torch.bool).tril(S - L)  # bottom-right causal
+    qr, kr = formula_rotary(leaves[0], pos_q, dim, interleaved), formula_rotary(leaves[1], pos_k, dim, interleaved)
+    ref = _torch.scaled_dot_product_attention(qr, kr, leaves[2], keep, enable_gqa=True)
     dout = torch.randn(ref.shape, dtype=torch.float64)
+    torch_out, torch_grads = torch_result(
+        lambda q, k, v: _torch.scaled_dot_product_attention(
+            torch_rotary(q, pos_q, dim, interleaved), torch_rotary(k, pos_k, dim, interleaved), v, keep,
+            enable_gqa=True,
+        ),
+        [x.cpu() for x in (q, k, v)],
+        dout,
+    )  # fmt: skip
+    assert_close(out, ref, dtype, torch_out, "out")
     got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
     want = torch.autograd.grad(ref, leaves, dout)
-    for name, g, w in zip("qkv", got, want):
-        assert_close(g, w, dtype, None, f"d{name}")
+    for name, g, w, t in zip("qkv", got, want, torch_grads):
+        assert_close(g, w, dtype, t, f"d{name}")
 
 
 def test_rotary_fused_rejects_bad_specs():

@@ -23,7 +23,14 @@ def visible_mask(L: int, S: int, mask: MaskSpec, device: torch.device) -> torch.
     return ok
 
 
-def attention_reference(
+def attention_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`_attention_reference`; runs with autocast off, so the matrix products stay in the compute
+    dtype (under autocast they would be re-cast to bf16/fp16 after the upcast)."""
+    with torch.autocast(args[0].device.type, enabled=False):
+        return _attention_reference(*args, **kwargs)
+
+
+def _attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
