@@ -54,7 +54,9 @@ from .ops.norm_launch import _warps as _norm_warps
 from .ops.posenc_function import sinusoidal_tiles
 from .ops.posenc_kernels import _rotary_kernel, _sinusoidal_kernel
 
-KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes")
+# atomics: atomic or reduction instructions (atom./red.) in the PTX; 0 means the kernel's result does not depend
+# on the order in which programs run (the deterministic-backward claim, checked without a GPU).
+KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes", "atomics")
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Most dynamic shared memory one program may opt into (227 KB on H100, 163 KB on A100); used for the notes only.
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
@@ -260,9 +262,10 @@ def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
             registers=registers,
             spills=spills,
             shared_bytes=compiled.metadata.shared,
+            atomics=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", compiled.asm["ptx"], re.M)),
         )
     except Exception as e:  # one bad config must not hide the others' rows
-        row.update(wgmma=None, registers=None, spills=None, shared_bytes=None)
+        row.update(wgmma=None, registers=None, spills=None, shared_bytes=None, atomics=None)
         row["error"] = _reason(e)
     return row
 

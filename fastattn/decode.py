@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._attention import _autocast, _check_alibi, _check_scale
-from ._backend import interpreting, triton_only, use_triton
+from ._backend import triton_only, use_triton
 from .ops.attention_function import triton_refusal
 from .ops.attention_launch import MaskSpec, Varlen, attention_fwd
 from .ops.attention_reference import attention_reference
@@ -15,15 +15,25 @@ _API = "decode_attention"
 SPLIT_TILE = 256  # split lengths are multiples of every key tile the configs use
 
 
+# Stand-in SM count off a GPU (the interpreter), so the default split choice runs there as it does on a GPU.
+CPU_SMS = 8
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+
+
+def default_splits(programs: int, s_max: int, sms: int) -> int:
+    """Key splits so that a small batch still fills the GPU: about two programs per SM in all, each split at
+    least SPLIT_TILE keys, at most 64 splits. ``programs``: the launch's programs without splitting."""
+    return max(1, min(-(-2 * sms // programs), -(-s_max // SPLIT_TILE), 64))
+
+
 def _splits(q: torch.Tensor, s_max: int, num_splits: int | None) -> int:
-    """Key splits so that a small batch still fills the GPU: about two programs per SM in all."""
     if num_splits is not None:
         return max(1, min(int(num_splits), -(-s_max // SPLIT_TILE)))
-    if not q.is_cuda:
-        return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     programs = q.shape[0] * q.shape[1] * -(-q.shape[2] // 64)
-    return max(1, min(-(-2 * sms // programs), -(-s_max // SPLIT_TILE), 64))
+    return default_splits(programs, s_max, _sm_count(q.device))
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
@@ -181,8 +191,6 @@ def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_spli
     zeros = torch.zeros_like(lengths)
     seq = torch.stack([zeros, torch.full_like(lengths, L), zeros, lengths, lengths - L], 1).contiguous()
     splits = _splits(q, s_max, num_splits)
-    if interpreting() and num_splits is None:
-        splits = 1
     if splits == 1:
         out, _ = attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi,
                                varlen=Varlen(seq, (H * L, L), block_table=block_table))  # fmt: skip

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 import fastattn
+from fastattn._backend import triton_only, use_triton
+from fastattn.ops.attention_function import triton_refusal
 from fastattn.ops.attention_launch import MaskSpec
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -60,8 +62,10 @@ def _block_fwd(q, k, v, scale, diagonal):
 
 def _block_bwd(do, q, k, v, out, lse, scale, diagonal):
     """dq, dk, dv of one chunk pair given the rows' global output and log-sum-exp (so that the block's
-    probabilities are exp(s - lse) of the whole row): the kernels' backward on CUDA, the formula elsewhere."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    probabilities are exp(s - lse) of the whole row): the Triton kernels' backward where the backend runs them
+    (as the forward's blocks do), the formula elsewhere."""
+    if use_triton("ring_attention", q.device, triton_refusal(q, v)):
+        triton_only("ring_attention")  # the CUDA C++ backward takes no outside log-sum-exp
         from fastattn.ops.attention_launch import attention_bwd
 
         mask = MaskSpec(offset=0, right=0) if diagonal else MaskSpec()

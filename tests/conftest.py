@@ -37,6 +37,24 @@ def _skip_cuda_backend_where_it_cannot_run(request):
             pytest.skip(why)
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its ratios to the controller, which prints the summary."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        from helpers import RATIOS
+
+        output["fastattn_ratios"] = [(what, str(dt), err, t) for what, dt, err, t in RATIOS]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    import torch
+    from helpers import RATIOS
+
+    for what, dt, err, t in getattr(node, "workeroutput", {}).get("fastattn_ratios", []):
+        RATIOS.append((what, getattr(torch, dt.replace("torch.", "")), err, t))
+
+
 def pytest_terminal_summary(terminalreporter):
     """The low-precision rule's ratios, as the README promises: error / torch's error per check, per dtype."""
     from helpers import FLOOR, RATIOS

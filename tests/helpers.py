@@ -105,3 +105,45 @@ def torch_rotary(x: torch.Tensor, pos: torch.Tensor, rot: int, interleaved: bool
     ra, rb = a * cos - b * sin, b * cos + a * sin
     turned = torch.stack((ra, rb), -1).flatten(-2) if interleaved else torch.cat((ra, rb), -1)
     return torch.cat((turned, rest), -1)
+
+
+def formula_rotary(x: torch.Tensor, pos: torch.Tensor, rot: int, interleaved: bool) -> torch.Tensor:
+    """Pair j of the first ``rot`` columns turns by pos / 10000^(2j/rot): pairs (j, j + rot/2) or (2j, 2j+1)."""
+    x = x.double().clone()
+    out = x.clone()
+    for j in range(rot // 2):
+        a, b = (2 * j, 2 * j + 1) if interleaved else (j, j + rot // 2)
+        theta = pos.double()[:, None, :] / 10000 ** (2 * j / rot)  # pos (N|1, L) -> (N|1, 1, L)
+        c, s = torch.cos(theta), torch.sin(theta)
+        out[..., a] = x[..., a] * c - x[..., b] * s
+        out[..., b] = x[..., b] * c + x[..., a] * s
+    return out
+
+
+def torch_sdpa(*args, **kwargs):
+    """torch's own SDPA (bound by fastattn at import, so a drop-in swap in a test cannot reach it)."""
+    from fastattn import _torch
+
+    return _torch.scaled_dot_product_attention(*args, **kwargs)
+
+
+def reference(q, k, v, offset=0, left=None, right=None, bias=None, scale=None):
+    """Attention in float64, written independently of fastattn's own reference: query i sees key j when
+    ``i + offset - left <= j <= i + offset + right`` (None: no limit), by torch's float64 SDPA with that mask
+    (and a float bias added), GQA by head groups; q, k, v are float64 CPU tensors (N, H|H_kv, L|S, E). Returns
+    ``(out, lse)``: rows that see no key give 0 and lse -inf (fastattn's documented result)."""
+    L, S = q.shape[-2], k.shape[-2]
+    i, j = torch.arange(L)[:, None] + offset, torch.arange(S)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    mask = keep if bias is None else bias.masked_fill(~keep, float("-inf"))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch_sdpa(q, k, v, mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~keep, float("-inf")) if bias is None else scores + mask
+    lse = torch.logsumexp(scores, -1)
+    return torch.where(torch.isfinite(lse)[..., None], out, 0.0), lse

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, randn, rel_err, torch_result
+from helpers import DEVICE, assert_close, randn, reference, rel_err, torch_result
 
 import fastattn
 from fastattn import _torch
@@ -61,27 +61,6 @@ def _check_sdpa(q, k, v, mask=None, is_causal=False, enable_gqa=False, scale=Non
     want = _grads(ref, ref_in, dout)
     for name, g, w, t in zip("qkv", got, want, torch_grads):
         assert_close(g, w, dtype, t, f"d{name}")
-
-
-def _reference(q, k, v, offset=0, left=None, right=None, bias=None, scale=None):
-    """The native entry's result in float64, written independently of fastattn: query i sees key j when
-    ``i + offset - left <= j <= i + offset + right`` (None: no limit), by torch's float64 SDPA with that mask
-    (and a float bias); q, k, v are float64 CPU tensors. Returns ``(out, lse)``, lse -inf on rows that see no
-    key."""
-    L, S = q.shape[-2], k.shape[-2]
-    i, j = torch.arange(L)[:, None] + offset, torch.arange(S)[None, :]
-    keep = torch.ones(L, S, dtype=torch.bool)
-    if left is not None:
-        keep &= j >= i - left
-    if right is not None:
-        keep &= j <= i + right
-    mask = keep if bias is None else bias.masked_fill(~keep, float("-inf"))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = _torch.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True)
-    group = q.shape[1] // k.shape[1]
-    scores = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
-    scores = scores.masked_fill(~keep, float("-inf")) if bias is None else scores + mask
-    return out, torch.logsumexp(scores, -1)
 
 
 SDPA_CASES = [
@@ -205,7 +184,7 @@ def test_attention_native(shape, kw, backend):
     if kw.get("causal"):
         right = 0 if right is None else min(right, 0)
     ref_in = [_leaf(x, torch.float64).cpu() for x in (q, k, v)]
-    ref, ref_lse = _reference(*ref_in, offset=S - L, left=left, right=right)
+    ref, ref_lse = reference(*ref_in, offset=S - L, left=left, right=right)
     finite = torch.isfinite(ref_lse)
     ref = torch.where(finite[..., None], ref, 0.0)  # rows with no visible key give 0 (documented)
     assert_close(out, ref, torch.float32, None, "out")
@@ -225,7 +204,7 @@ def test_attention_bias_gradient(bias_shape, backend):
     with fastattn.backend(backend):
         out = fastattn.attention(q, k, v, bias=bias, causal=True)
     ref_in = [_leaf(x, torch.float64).cpu() for x in (q, k, v, bias)]
-    ref, _ = _reference(*ref_in[:3], offset=43 - 29, right=0, bias=ref_in[3])
+    ref, _ = reference(*ref_in[:3], offset=43 - 29, right=0, bias=ref_in[3])
     assert_close(out, ref, torch.float32, None, "out")
     dout = torch.randn(ref.shape, dtype=torch.float64)
     got = _grads(out, (q, k, v, bias), dout.to(DEVICE))
@@ -300,7 +279,7 @@ def test_attention_alibi(shape, slopes_shape, causal, backend):
     i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
     bias = -slopes.double().reshape(-1, H, 1, 1) * (i + S - L - j).abs()
     ref_in = [_leaf(x, torch.float64).cpu() for x in (q, k, v)]
-    ref, lse = _reference(*ref_in, offset=S - L, right=0 if causal else None, bias=bias)
+    ref, lse = reference(*ref_in, offset=S - L, right=0 if causal else None, bias=bias)
     ref = torch.where(torch.isfinite(lse)[..., None], ref, 0.0)
     assert_close(out, ref, torch.float32, None, "out")
     dout = torch.randn(ref.shape, dtype=torch.float64)

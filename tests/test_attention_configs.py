@@ -63,3 +63,117 @@ def test_pick_does_not_hide_other_errors(fake_gpu):
 
     with pytest.raises(ValueError, match="a real bug"):
         configs.pick(("k3",), [configs.Config(64, 64, 4, 3)], launch, fake_gpu)
+
+
+# ---- every GPU candidate config, run on small shapes (the interpreter otherwise runs one 32x16 config) ----
+
+
+def _config_runs():
+    """Runs that together execute every config of the sm_90 candidate lists at least once, for its kind:
+    (id, dtype, padded head dim, mode, {kind: config}). The lists of one launch (forward, dK/dV, dQ) are
+    zipped into runs; a config already run for its kind and mode is not run again."""
+    done, runs = set(), []
+
+    def add(name, dtype, bd, mode, lists):
+        todo = {kind: [c for c in cands if (kind, c, mode) not in done] for kind, cands in lists.items()}
+        for i in range(max(map(len, todo.values()))):
+            chosen = {kind: cands[i] for kind, cands in todo.items() if i < len(cands)}
+            done.update((kind, c, mode) for kind, c in chosen.items())
+            runs.append((f"{name}-{mode}-{i}", dtype, bd, mode, chosen))
+
+    for es, dtype in ((2, torch.bfloat16), (4, torch.float32)):
+        for bd in (32, 64, 128, 256):
+            dt = str(dtype).replace("torch.", "")
+            add(f"{dt}-d{bd}", dtype, bd, "pointers", {"fwd": configs.fwd_configs(bd, es),
+                "dkdv": configs.dkdv_configs(bd, es), "dq": configs.dq_configs(bd, es)})  # fmt: skip
+            tma = {"fwd": configs.tma_fwd_configs(bd, es), "dkdv": configs.tma_dkdv_configs(bd, es),
+                   "dq": configs.tma_dq_configs(bd, es)}  # fmt: skip
+            if any(tma.values()):
+                add(f"{dt}-d{bd}", dtype, bd, "descriptors", tma)
+            add(f"{dt}-d{bd}", dtype, bd, "rotary", {"fwd": configs.rotary_fwd_configs(bd, es)})
+            varlen = {kind: configs.varlen_configs(kind, bd, es) for kind in ("fwd", "dkdv", "dq")}
+            add(f"{dt}-d{bd}", dtype, bd, "varlen", varlen)
+    return runs
+
+
+CONFIG_RUNS = _config_runs()
+
+
+def test_the_runs_cover_every_candidate():
+    """Every config any candidate list can return (all head dims, both element sizes) is in some run."""
+    ran = {(kind, c) for *_, chosen in CONFIG_RUNS for kind, c in chosen.items()}
+    for bd in (16, 32, 64, 128, 256):
+        for es in (2, 4):
+            lists = {"fwd": configs.fwd_configs(bd, es) + configs.tma_fwd_configs(bd, es)
+                     + configs.rotary_fwd_configs(bd, es) + configs.varlen_configs("fwd", bd, es),
+                     "dkdv": configs.dkdv_configs(bd, es) + configs.tma_dkdv_configs(bd, es)
+                     + configs.varlen_configs("dkdv", bd, es),
+                     "dq": configs.dq_configs(bd, es) + configs.tma_dq_configs(bd, es)
+                     + configs.varlen_configs("dq", bd, es)}  # fmt: skip
+            missing = [(kind, str(c)) for kind, cands in lists.items() for c in cands if (kind, c) not in ran]
+            assert not missing, f"d{bd} x{es}: {missing}"
+
+
+def _bias_mask(keep, bias):
+    return keep if bias is None else bias.masked_fill(~keep, float("-inf"))
+
+
+@pytest.mark.parametrize("run_id,dtype,bd,mode,chosen", CONFIG_RUNS, ids=[r[0] for r in CONFIG_RUNS])
+def test_gpu_config_runs_in_the_interpreter(run_id, dtype, bd, mode, chosen, monkeypatch):
+    """Forward, dK/dV and dQ with the forced configs against float64, within the rule of tests/helpers.py:
+    GQA, L > S and ragged tiles always; causal with a differentiable bias or a sliding window by turns; head
+    dims filling the tile or padded in it; descriptor loads where the mode says so."""
+    from helpers import DEVICE, assert_close, formula_rotary, randn, torch_result, torch_rotary
+
+    import fastattn
+    from fastattn import _torch
+    from fastattn.ops import attention_launch
+
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU the autotuner runs these configs itself")
+    if mode == "pointers":
+        monkeypatch.setattr(attention_launch, "_tma_ok", lambda *t: False)
+    variant = int(run_id.rsplit("-", 1)[1]) % 2
+    E = bd if variant == 0 else bd * 3 // 4
+    N, H, HK, L, S = 1, 4, 2, 150, 130
+    q = randn(N, H, L, E, dtype=dtype, requires_grad=True)
+    k, v = (randn(N, HK, S, E, dtype=dtype, requires_grad=True) for _ in range(2))
+    i, j = torch.arange(L)[:, None] + S - L, torch.arange(S)[None, :]
+    keep = j <= i if variant == 0 else (j >= i - 40) & (j <= i + 8)
+    bias = randn(1, H, L, S, requires_grad=True) if variant == 0 and mode != "varlen" else None
+    rope = fastattn.RotaryEmbedding(E) if mode == "rotary" else None
+    kwargs = {"causal": True} if variant == 0 else {"window": (40, 8)}
+    with configs.forced(**chosen), fastattn.backend("triton"):
+        if mode == "varlen":
+            packed = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]
+            cu_q = torch.tensor([0, L], dtype=torch.int32, device=DEVICE)
+            cu_k = torch.tensor([0, S], dtype=torch.int32, device=DEVICE)
+            out = fastattn.varlen_attention(*packed, cu_q, cu_k, L, S, **kwargs).unflatten(0, (N, L)).transpose(1, 2)
+        else:
+            out = fastattn.attention(q, k, v, bias=bias, rotary=rope, **kwargs)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, bias) if t is not None]
+    pos_q, pos_k = torch.arange(S - L, S)[None], torch.arange(S)[None]  # rotary: key j at j, query i at i + S - L
+
+    def turned(q, k, rotary):
+        return (q, k) if rope is None else (rotary(q, pos_q, E, False), rotary(k, pos_k, E, False))
+
+    ref_mask = _bias_mask(keep, leaves[3] if bias is not None else None)
+    ref = _torch.scaled_dot_product_attention(*turned(*leaves[:2], formula_rotary), leaves[2], ref_mask,
+                                              enable_gqa=True)  # fmt: skip
+    ref = torch.where(keep.any(-1)[:, None], ref, 0.0)
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    tensors = [t.cpu() for t in (q, k, v, bias) if t is not None]
+    torch_out, torch_grads = None, [None] * len(tensors)
+    if dtype != torch.float32:  # torch's own SDPA (and rotate-half rotary) in bf16 for the rule
+        torch_out, torch_grads = torch_result(
+            lambda q, k, v, b=None: _torch.scaled_dot_product_attention(
+                *turned(q, k, torch_rotary), v, _bias_mask(keep, None if b is None else b.to(dtype)), enable_gqa=True
+            ),
+            tensors,
+            dout,
+        )
+    assert_close(out, ref, dtype, torch_out, f"out {chosen}")
+    got = torch.autograd.grad(out, [t for t in (q, k, v, bias) if t is not None], dout.to(DEVICE, dtype))
+    want = torch.autograd.grad(ref, leaves, dout)
+    for name, g, w, t in zip(["dq", "dk", "dv", "dbias"], got, want, torch_grads):
+        assert_close(g, w, dtype if name != "dbias" else torch.float32, t, f"{name} {chosen}")

@@ -74,3 +74,12 @@ def test_compile_rows_refuses_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         compile_rows()
+
+
+def test_no_kernel_uses_atomics(rows):
+    """No atomic or reduction instruction in any Triton kernel (attention backward included, norm dW/dB: partial
+    rows summed afterwards): the results cannot depend on the order programs run in, so they are the same bits
+    on every run. This is the CPU's proof of the deterministic backward (the interpreter runs programs one after
+    another, so repeating a run there shows nothing; test_norms repeats it on a GPU)."""
+    using = [(r["kernel"], r["config"], r["atomics"]) for r in rows if r["atomics"] != 0]
+    assert not using, using

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, reference
 
 import fastattn
-from fastattn.ops.attention_launch import MaskSpec
-from fastattn.ops.attention_reference import attention_reference
 
 
 def _setup(lengths, L_new, H=4, HK=2, E=16, S_max=40, seed=0):
@@ -22,12 +20,17 @@ def _setup(lengths, L_new, H=4, HK=2, E=16, S_max=40, seed=0):
 
 
 def _reference(q, k_cache, v_cache, lengths, L_new, alibi=None):
+    """Per sequence in float64 (tests/helpers.reference): the last query aligned with key lengths[n] - 1,
+    causal; ALiBi written out as a bias."""
     outs = []
     for n, s in enumerate(lengths):
         kn, vn = (c[n : n + 1, :, :s].cpu().double() for c in (k_cache, v_cache))
-        a = None if alibi is None else alibi.cpu().float()
-        out, _ = attention_reference(q[n : n + 1].cpu().double(), kn, vn, None, q.shape[-1] ** -0.5,
-                                     MaskSpec(s - L_new, None, 0), alibi=a)  # fmt: skip
+        bias = None
+        if alibi is not None:
+            i, j = torch.arange(L_new)[:, None] + s - L_new, torch.arange(s)[None, :]
+            slopes = alibi.cpu().double()
+            bias = -(slopes if slopes.dim() == 1 else slopes[n]).reshape(1, -1, 1, 1) * (i - j).abs()
+        out, _ = reference(q[n : n + 1].cpu().double(), kn, vn, offset=s - L_new, right=0, bias=bias)
         outs.append(out)
     return torch.cat(outs)
 
@@ -88,12 +91,13 @@ def test_bad_cache_lengths_are_refused():
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("L_new", [1, 2])
-def test_paged_cache_with_pages_out_of_order(L_new, backend):
+@pytest.mark.parametrize("L_new,splits", [(1, None), (2, None), (1, 3), (2, 3)], ids=["1", "2", "1-split3", "2-split3"])
+def test_paged_cache_with_pages_out_of_order(L_new, splits, backend):
     """The same step on a pool of pages in shuffled order (block_table) gives the contiguous cache's result,
-    and the new keys land in the right page slots."""
-    lengths, page = [0, 9, 30], 8
-    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=40, seed=4)
+    and the new keys land in the right page slots; also with the key length split (pages and splits together:
+    a split's first key is in the middle of the table)."""
+    lengths, page, S_max = ([0, 9, 30], 8, 40) if splits is None else ([0, 300, 700], 64, 768)
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=S_max, seed=4)
     N, HK, S_max, E = k_cache.shape
     max_pages = S_max // page
     order = torch.randperm(N * max_pages + 3, generator=torch.Generator().manual_seed(5))  # spare pages too
@@ -104,9 +108,11 @@ def test_paged_cache_with_pages_out_of_order(L_new, backend):
         pool[block_table.long()] = cache.view(N, HK, max_pages, page, E).transpose(1, 2)
         pools.append(pool)
     with fastattn.backend(backend):
-        want = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
-        got = fastattn.decode_attention(q, *pools, seqlens, k_new=k_new, v_new=v_new, block_table=block_table)
-    assert_close(got, want.double(), torch.float32, None, "paged out")
+        got = fastattn.decode_attention(q, *pools, seqlens, k_new=k_new, v_new=v_new, block_table=block_table,
+                                        num_splits=splits)  # fmt: skip
+        fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)  # writes the new keys
+    want = _reference(q, k_cache, v_cache, [n + L_new for n in lengths], L_new)
+    assert_close(got, want, torch.float32, None, "paged out")
     back = pools[0][block_table.long()].transpose(1, 2).reshape(N, HK, S_max, E)
     assert torch.equal(back, k_cache)
     with pytest.raises(ValueError, match="block_table entries"):
@@ -155,3 +161,55 @@ def test_model_cache_refuses_to_overflow():
     cache = model.new_cache(1, 4)
     with pytest.raises(ValueError, match="exceed the capacity"):
         model(torch.zeros(1, 5, dtype=torch.long, device=DEVICE), cache)
+
+
+def test_default_split_choice():
+    """About two programs per SM, splits of at least 256 keys, at most 64 splits."""
+    from fastattn.decode import default_splits
+
+    assert default_splits(programs=32, s_max=32768, sms=132) == 9  # batch 1, 32 heads: 9 splits fill 132 SMs
+    assert default_splits(programs=512, s_max=32768, sms=132) == 1  # a large batch fills the GPU by itself
+    assert default_splits(programs=1, s_max=32768, sms=132) == 64  # capped
+    assert default_splits(programs=1, s_max=300, sms=132) == 2  # a short cache: splits stay >= 256 keys
+
+
+def test_default_splits_run_in_the_kernel(monkeypatch):
+    """Without num_splits the launch takes default_splits' choice (the interpreter stands in 8 SMs): here 4
+    splits, merged into the unsplit result."""
+    from fastattn.ops import attention_launch
+
+    seen = []
+    real = attention_launch.attention_fwd
+    monkeypatch.setattr(
+        "fastattn.decode.attention_fwd", lambda *a, **k: seen.append(k["varlen"].splits) or real(*a, **k)
+    )
+    lengths = [1000]
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, 1, H=4, HK=4, S_max=1024, seed=7)
+    with fastattn.backend("triton"):
+        out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+    assert seen == [4], seen  # programs 1 x 4 heads: ceil(16 / 4) = 4, ceil(1024 / 256) = 4
+    assert_close(out, _reference(q, k_cache, v_cache, [1001], 1), torch.float32, None, "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("L_new,splits", [(1, None), (3, 3)], ids=["1", "3-split3"])
+def test_low_precision_caches(dtype, L_new, splits):
+    """bf16 / fp16 caches against float64, within the rule of tests/helpers.py against torch's own SDPA in that
+    dtype over each sequence's filled keys (causal for the new tokens)."""
+    from fastattn import _torch
+
+    lengths = [0, 5, 700]
+    q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, L_new, S_max=768, seed=8)
+    q, k_cache, v_cache, k_new, v_new = (t.to(dtype) for t in (q, k_cache, v_cache, k_new, v_new))
+    with fastattn.backend("triton"):
+        out = fastattn.decode_attention(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, num_splits=splits)
+    assert out.dtype == dtype
+    filled = [n + L_new for n in lengths]
+    ref = _reference(q, k_cache, v_cache, filled, L_new)
+    torch_out = torch.cat([
+        _torch.scaled_dot_product_attention(
+            q[n : n + 1].cpu(), k_cache[n : n + 1, :, :s].cpu(), v_cache[n : n + 1, :, :s].cpu(),
+            torch.ones(L_new, s, dtype=torch.bool).tril(s - L_new), enable_gqa=True,
+        ) for n, s in enumerate(filled)
+    ])  # fmt: skip
+    assert_close(out, ref, dtype, torch_out, "out")

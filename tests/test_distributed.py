@@ -62,8 +62,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
-def _ring_case(rank, world, causal, layout, gqa):
+def _ring_case(rank, world, causal, layout, gqa, backend="auto"):
     import fastattn
+    from fastattn import _torch
     from fastattn.distributed import ring_attention, shard
 
     gen = torch.Generator().manual_seed(1234)
@@ -71,12 +72,13 @@ def _ring_case(rank, world, causal, layout, gqa):
     q = torch.randn(N, H, L, E, generator=gen)
     k, v = torch.randn(N, HK, L, E, generator=gen), torch.randn(N, HK, L, E, generator=gen)
     dout = torch.randn(N, H, L, E, generator=gen)
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = fastattn.attention(*full, causal=causal)
-    ref.backward(dout)
+    full = [t.double().requires_grad_() for t in (q, k, v)]  # torch's float64 SDPA on the whole sequence
+    ref = _torch.scaled_dot_product_attention(*full, is_causal=causal, enable_gqa=True)
+    ref.backward(dout.double())
     local = [shard(t, rank, world, layout).clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, causal=causal, layout=layout)
-    out.backward(shard(dout, rank, world, layout))
+    with fastattn.backend(backend):
+        out = ring_attention(*local, causal=causal, layout=layout)
+        out.backward(shard(dout, rank, world, layout))
     assert _rel(out, shard(ref, rank, world, layout)) < 1e-5, "output"
     for name, got, want in zip("qkv", local, full):
         err = _rel(got.grad, shard(want.grad, rank, world, layout))
@@ -102,6 +104,21 @@ def _ring_worker(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_equals_attention_on_the_gathered_sequence(world):
     _run(_ring_worker, world)
+
+
+def _ring_kernel_worker(rank, world):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"fastattn\.")  # a step down from the kernels fails here
+        for causal, layout, gqa in [(True, "zigzag", True), (False, "contiguous", False)]:
+            _ring_case(rank, world, causal, layout, gqa, backend="triton")
+
+
+def test_ring_attention_on_the_kernels():
+    """The same, each rank's partial attention (forward with the log-sum-exp, backward) on the Triton kernels
+    (the interpreter here) rather than the PyTorch path."""
+    _run(_ring_kernel_worker, 2)
 
 
 def _ddp_worker(rank, world):

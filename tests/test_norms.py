@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
 from helpers import BACKENDS, DEVICE, assert_close, randn, torch_result
 
 import fastattn
@@ -81,6 +82,31 @@ def test_rms_norm(rows, hidden, dtype, backend):
             lambda x, w: ref_rms_norm(x, w, eps),
             lambda x, w: F.rms_norm(x, (hidden,), w),
             [x.requires_grad_(), w.requires_grad_()], dtype,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(3, 257), (2, 1000), (2, 4097), (2, 8192)], ids=str)
+def test_single_tile_rows_of_the_gpu_widths(rows, hidden, dtype, monkeypatch):
+    """Rows of 257..8192 elements in one tile, as a GPU runs them (the interpreter otherwise walks rows wider
+    than 256 in tiles), layer norm and RMSNorm, forward and backward."""
+    from fastattn.ops import norm_launch
+
+    monkeypatch.setattr(norm_launch, "INTERPRETER_TILE", norm_launch.MAX_TILE)
+    assert norm_launch._tile(hidden) == (triton.next_power_of_2(hidden), 1)
+    x, w, b = randn(rows, hidden, dtype=dtype), randn(hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    with fastattn.backend("triton"):
+        _check(
+            lambda x, w, b: fastattn.layer_norm(x, (hidden,), w, b, 1e-5),
+            lambda x, w, b: ref_layer_norm(x, w, b, 1e-5),
+            lambda x, w, b: F.layer_norm(x, (hidden,), w, b, 1e-5),
+            [t.requires_grad_() for t in (x, w, b)], dtype,
+        )  # fmt: skip
+        _check(
+            lambda x, w: fastattn.rms_norm(x, (hidden,), w, 1e-6),
+            lambda x, w: ref_rms_norm(x, w, 1e-6),
+            lambda x, w: F.rms_norm(x, (hidden,), w, 1e-6),
+            [x.detach().requires_grad_(), w.detach().requires_grad_()], dtype,
         )  # fmt: skip
 
 
@@ -169,9 +195,15 @@ def test_add_norm_dropout_mask_shared_by_forward_and_backward():
     torch.testing.assert_close(s3, x + r)
 
 
-def test_weight_gradient_is_deterministic():
-    x, w, b = randn(300, 128).requires_grad_(), randn(128).requires_grad_(), randn(128).requires_grad_()
-    dy = randn(300, 128)
+@pytest.mark.skipif(
+    DEVICE.type != "cuda",
+    reason="cannot fail in the interpreter, which runs programs one after another; on the CPU, "
+    "test_codegen.py::test_no_kernel_uses_atomics shows the order cannot matter",
+)
+def test_weight_gradient_is_deterministic_on_a_gpu():
+    """Programs run concurrently on a GPU: the same dW/dB bits on every run (many rows, many programs)."""
+    x, w, b = randn(8192, 1024).requires_grad_(), randn(1024).requires_grad_(), randn(1024).requires_grad_()
+    dy = randn(8192, 1024)
     with fastattn.backend("triton"):
         g1 = torch.autograd.grad(fastattn.layer_norm(x, 128, w, b), (w, b), dy)
         g2 = torch.autograd.grad(fastattn.layer_norm(x, 128, w, b), (w, b), dy)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_close, randn, torch_result, torch_rotary
+from helpers import BACKENDS, DEVICE, assert_close, formula_rotary, randn, torch_result, torch_rotary
 
 import fastattn
 from fastattn import _torch
@@ -61,19 +61,6 @@ def test_sinusoidal_module():
         assert (m(x) == 0).any()
     with pytest.raises(ValueError, match="last dim"):
         m(randn(2, 5, 11))
-
-
-def formula_rotary(x: torch.Tensor, pos: torch.Tensor, rot: int, interleaved: bool) -> torch.Tensor:
-    """Pair j of the first ``rot`` columns turns by pos / 10000^(2j/rot): pairs (j, j + rot/2) or (2j, 2j+1)."""
-    x = x.double().clone()
-    out = x.clone()
-    for j in range(rot // 2):
-        a, b = (2 * j, 2 * j + 1) if interleaved else (j, j + rot // 2)
-        theta = pos.double()[:, None, :] / 10000 ** (2 * j / rot)  # pos (N|1, L) -> (N|1, 1, L)
-        c, s = torch.cos(theta), torch.sin(theta)
-        out[..., a] = x[..., a] * c - x[..., b] * s
-        out[..., b] = x[..., b] * c + x[..., a] * s
-    return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

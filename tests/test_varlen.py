@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, reference
 
 import fastattn
-from fastattn.ops.attention_launch import MaskSpec
-from fastattn.ops.attention_reference import attention_reference
 
 
 def _cu(lengths) -> torch.Tensor:
@@ -53,8 +51,7 @@ def test_varlen_equals_attention_per_sequence(len_q, len_k, kw, backend):
             refs.append(torch.zeros(len_q[b], H, 24, dtype=torch.float64) + 0 * qb.sum())
             ref_lses.append(torch.full((H, len_q[b]), float("-inf"), dtype=torch.float64))
             continue
-        o, l_ = attention_reference(qb, kb.repeat_interleave(2, 1), vb.repeat_interleave(2, 1), scale=E**-0.5,
-                                    mask=MaskSpec(len_k[b] - len_q[b], left, right))  # fmt: skip
+        o, l_ = reference(qb, kb, vb, offset=len_k[b] - len_q[b], left=left, right=right)
         refs.append(o[0].transpose(0, 1))
         ref_lses.append(l_[0].double())
     ref = torch.cat(refs, 0)
@@ -153,3 +150,44 @@ def test_unpad_refuses_a_mask_of_the_wrong_shape_or_dtype():
         fastattn.unpad(x, torch.zeros(2, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="key_padding_mask must be bool"):
         fastattn.unpad(x, torch.zeros(2, 5, device=DEVICE))
+
+
+def test_varlen_dropout_one_mask_for_forward_and_backward():
+    """Dropout in the VARLEN mode: the kept fraction is 1 - p, and the backward uses the forward's mask (read
+    off through an identity value matrix per sequence, then checked against a float64 reference with that mask,
+    outputs and gradients)."""
+    from fastattn.ops.attention_launch import MaskSpec
+    from fastattn.ops.attention_reference import attention_reference
+
+    p, H, E, lens = 0.3, 2, 16, [37, 1, 50]
+    gen = torch.Generator().manual_seed(11)
+    total, longest, cu = sum(lens), max(lens), _cu(lens)
+    q, k = (torch.randn(total, H, E, generator=gen).to(DEVICE) for _ in range(2))
+    v = torch.randn(total, H, 24, generator=gen).to(DEVICE)
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    eye = torch.zeros(total, H, longest, device=DEVICE)
+    for b, n in enumerate(lens):
+        eye[starts[b] : starts[b] + n] = torch.eye(n, longest, device=DEVICE)[:, None, :]
+    with fastattn.backend("triton"):
+        torch.manual_seed(5)
+        probs = fastattn.varlen_attention(q, k, eye, cu, cu, longest, longest, causal=True, dropout_p=p)
+        torch.manual_seed(5)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fastattn.varlen_attention(*leaves, cu, cu, longest, longest, causal=True, dropout_p=p)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, dout.to(DEVICE, torch.float32))
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    refs, kept, visible = [], 0, 0
+    for b, n in enumerate(lens):
+        rows = slice(starts[b], starts[b] + n)
+        keep = (probs[rows, :, :n] != 0).cpu().permute(1, 0, 2)[None]  # (1, H, n, n)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        kept, visible = kept + int(keep.sum()), visible + H * int(causal.sum())
+        qb, kb, vb = (t[rows].transpose(0, 1)[None] for t in ref_in)
+        o, _ = attention_reference(qb, kb, vb, scale=E**-0.5, mask=MaskSpec(0, None, 0), dropout_p=p, keep=keep)
+        refs.append(o[0].transpose(0, 1))
+    assert abs(kept / visible - (1 - p)) < 0.05, kept / visible
+    ref = torch.cat(refs)
+    assert_close(out, ref, torch.float32, None, "out")
+    for name, g, w in zip("qkv", got, torch.autograd.grad(ref, ref_in, dout)):
+        assert_close(g, w, torch.float32, None, f"d{name}")

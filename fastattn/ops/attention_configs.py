@@ -3,12 +3,16 @@
 The candidates are sized for Hopper (sm_90): 128-row tiles so that each warpgroup issues m64 wgmma
 instructions, 8 warps (two warpgroups) for the forward, and the backward's transposed products keep the
 128-row side on the tile each program owns. Under ``TRITON_INTERPRET=1`` a single small config is used:
-the interpreter's cost grows with the tile count, and small tiles exercise more tile edges.
+the interpreter's cost grows with the tile count, and small tiles exercise more tile edges; ``forced``
+runs chosen configs instead (the tests run every GPU candidate on the CPU that way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,6 +140,22 @@ def dq_configs(block_d: int, elem_size: int = 2) -> list[Config]:
 
 
 _TUNED: dict[tuple, Config] = {}
+_FORCED: contextvars.ContextVar[dict[str, Config] | None] = contextvars.ContextVar("fastattn_forced", default=None)
+
+
+@contextlib.contextmanager
+def forced(**by_kind: Config) -> Iterator[None]:
+    """Run the given config for each kernel kind (``fwd``, ``dkdv``, ``dq``) in this block, on a GPU (no
+    tuning) and under the interpreter alike (which otherwise runs one small config). A descriptor config is
+    refused where the launch can only take pointers."""
+    unknown = set(by_kind) - {"fwd", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"forced: kernel kinds are fwd, dkdv and dq; got {sorted(unknown)}")
+    token = _FORCED.set({**(_FORCED.get() or {}), **by_kind})
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def tuning_enabled() -> bool:
@@ -145,7 +165,13 @@ def tuning_enabled() -> bool:
 def pick(key: tuple, candidates: list[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
     """The config to run for ``key``: on a GPU, the fastest of ``candidates`` (median of
     ``triton.testing.do_bench``, once per key), or with FASTATTN_AUTOTUNE=0 the first that launches.
-    Candidates that need more shared memory than the device has (a bias tile on top) are skipped."""
+    Candidates that need more shared memory than the device has (a bias tile on top) are skipped. A config
+    ``forced`` for the kind (``key[0]``) wins."""
+    chosen = (_FORCED.get() or {}).get(key[0])
+    if chosen is not None:
+        if chosen.tma and not candidates[0].tma:
+            raise ValueError(f"forced: {chosen} loads through tensor descriptors, which this launch cannot take")
+        return chosen
     if interpreting() or device.type != "cuda":
         return INTERPRETER_TMA_CONFIG if candidates[0].tma else INTERPRETER_CONFIG
     if key in _TUNED:
