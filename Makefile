@@ -22,4 +22,4 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check fastattn tests benchmarks
 	$(VENV)/bin/ruff format --check fastattn tests benchmarks
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal tests

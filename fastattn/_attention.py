@@ -143,25 +143,12 @@ def _causal_bias(api: str, bias: CausalBias, q: torch.Tensor, k: torch.Tensor, i
     if is_causal:  # torch's CausalBias raises the same
         raise ValueError(f"{api}: a CausalBias attn_mask should not be used with is_causal=True")
     L, S = q.shape[-2], k.shape[-2]
-    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
-        raise RuntimeError(
-            f"{api}: attn_mask is a CausalBias for (L, S) = ({bias.seq_len_q}, {bias.seq_len_kv}), but query and "
-            f"key give ({L}, {S})"
-        )
-    if bias.variant == CausalVariant.UPPER_LEFT or L == S:
+    # As torch decides it: the bias's own lengths choose the variant, query and key give the alignment.
+    if bias.variant == CausalVariant.UPPER_LEFT or bias.seq_len_q == bias.seq_len_kv:
         return MaskSpec(offset=0, right=0)
     if bias.variant == CausalVariant.LOWER_RIGHT:
         return MaskSpec(offset=S - L, right=0)
     raise ValueError(f"{api}: CausalBias.variant must be a CausalVariant, got {bias.variant!r}")
-
-
-def _torch_sdpa_causal(q, k, v, spec: MaskSpec, dropout_p, scale, enable_gqa) -> torch.Tensor:
-    """torch's own SDPA (bound at import: never this module again) under a CausalBias's rule ``spec``."""
-    if spec.offset == 0:
-        return _torch.scaled_dot_product_attention(q, k, v, None, dropout_p, True, scale=scale, enable_gqa=enable_gqa)
-    L, S = q.shape[-2], k.shape[-2]  # bottom-right: the dense mask torch's math path builds for it too
-    tril = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
-    return _torch.scaled_dot_product_attention(q, k, v, tril, dropout_p, scale=scale, enable_gqa=enable_gqa)
 
 
 def scaled_dot_product_attention(
@@ -194,10 +181,9 @@ def scaled_dot_product_attention(
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
     _check_qkv(_SDPA, RuntimeError, query, key, value)
-    spec = None
+    spec, bias = None, None
     if causal_bias:
-        spec = _causal_bias(_SDPA, attn_mask, query, key, is_causal)
-        attn_mask = None
+        spec, bias, attn_mask = _causal_bias(_SDPA, attn_mask, query, key, is_causal), attn_mask, None
     elif is_causal:
         spec = MaskSpec(offset=0, right=0)
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
@@ -218,8 +204,8 @@ def scaled_dot_product_attention(
                 f"{_SDPA}: number of heads in key and value ({hk}) must divide the number of heads in query ({hq})"
             )
     if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
-        if causal_bias:
-            return _torch_sdpa_causal(query, key, value, spec, dropout_p, scale, enable_gqa)
+        if causal_bias:  # torch's own handling of its bias (its fused bottom-right kernels where they apply)
+            return bias._dispatch(query, key, value, bias, dropout_p, False, scale, enable_gqa)
         return _torch.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )

@@ -262,7 +262,7 @@ def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
             registers=registers,
             spills=spills,
             shared_bytes=compiled.metadata.shared,
-            atomics=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", compiled.asm["ptx"], re.M)),
+            atomics=len(re.findall(r"(?<![\w.%])(?:atom|red)\.", compiled.asm["ptx"])),
         )
     except Exception as e:  # one bad config must not hide the others' rows
         row.update(wgmma=None, registers=None, spills=None, shared_bytes=None, atomics=None)

@@ -65,7 +65,7 @@ def _block_bwd(do, q, k, v, out, lse, scale, diagonal):
     probabilities are exp(s - lse) of the whole row): the Triton kernels' backward where the backend runs them
     (as the forward's blocks do), the formula elsewhere."""
     if use_triton("ring_attention", q.device, triton_refusal(q, v)):
-        triton_only("ring_attention")  # the CUDA C++ backward takes no outside log-sum-exp
+        triton_only("ring_attention backward")  # the CUDA C++ backward takes no outside log-sum-exp
         from fastattn.ops.attention_launch import attention_bwd
 
         mask = MaskSpec(offset=0, right=0) if diagonal else MaskSpec()

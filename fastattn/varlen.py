@@ -133,8 +133,7 @@ def padded_key_attention(
     from ._backend import current_backend, interpreting
 
     backend = current_backend()
-    # The CUDA C++ kernels take a key padding mask themselves (per-batch key lengths): no packing under "cuda".
-    kernels = backend not in ("torch", "cuda") and (q.is_cuda or (interpreting() and backend != "auto"))
+    kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
     if not kernels or key_mask.shape != (q.shape[0], k.shape[2]):
         return None
     if key_mask.dtype == torch.bool:

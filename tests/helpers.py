@@ -147,3 +147,9 @@ def reference(q, k, v, offset=0, left=None, right=None, bias=None, scale=None):
     scores = scores.masked_fill(~keep, float("-inf")) if bias is None else scores + mask
     lse = torch.logsumexp(scores, -1)
     return torch.where(torch.isfinite(lse)[..., None], out, 0.0), lse
+
+
+def grad_out(shape, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random incoming gradient as float64 holding values of ``dtype``: the kernel, torch's op and the float64
+    reference then all get the same gradient, and rounding it is no one's error."""
+    return torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype).double()

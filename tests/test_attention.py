@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, randn, reference, rel_err, torch_result
+from helpers import DEVICE, assert_close, grad_out, randn, reference, rel_err, torch_result
 
 import fastattn
 from fastattn import _torch
@@ -46,7 +46,7 @@ def _check_sdpa(q, k, v, mask=None, is_causal=False, enable_gqa=False, scale=Non
     ref = _torch.scaled_dot_product_attention(
         *ref_in, ref_mask, is_causal=ref_causal, scale=scale, enable_gqa=enable_gqa
     )
-    dout = torch.randn(ref.shape, dtype=torch.float64)
+    dout = grad_out(ref.shape, dtype)
     torch_mask = None if ref_mask is None else ref_mask.to(dtype if ref_mask.is_floating_point() else torch.bool)
     torch_out, torch_grads = torch_result(
         lambda q, k, v: _torch.scaled_dot_product_attention(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, grad_out
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +67,7 @@ def test_sdpa_property(p):
         enable_gqa=True,
     )
     assert_close(out, ref, dt, torch_out.detach(), f"out {p}")
-    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    dout = grad_out(ref.shape, dt, g)
     got = torch.autograd.grad(out, leaves, dout.to(DEVICE, dt))
     want = torch.autograd.grad(ref, ref_in, dout)
     torch_grads = torch.autograd.grad(torch_out, torch_in, dout.to(dt))

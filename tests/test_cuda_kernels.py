@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_close, cuda_backend_skip, randn, torch_result, torch_rotary
+from helpers import DEVICE, assert_close, cuda_backend_skip, grad_out, randn, torch_result, torch_rotary
 
 import fastattn
 from fastattn import _torch
@@ -97,7 +97,7 @@ def test_cuda_attention_matches_reference(shape, kw, head_dim, dtype, calls):
     spec = MaskSpec(offset=S - L, left=left, right=right)
     ref_in = [_leaf64(x) for x in (q, k, v)]
     ref, ref_lse = attention_reference(*ref_in, scale=head_dim**-0.5, mask=spec)
-    dout = torch.randn(ref.shape, dtype=torch.float64)
+    dout = grad_out(ref.shape, dtype)
     torch_out, torch_grads = _torch_attention(q, k, v, _visible(L, S, spec), head_dim**-0.5, dout)
     assert_close(out, ref, dtype, torch_out, "out")
     finite = torch.isfinite(ref_lse)
@@ -119,7 +119,7 @@ def test_cuda_sdpa_key_padding_mask(dtype, calls):
         out = fastattn.scaled_dot_product_attention(q, k, v, mask)
     ref_in = [_leaf64(x) for x in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in, mask.cpu())
-    dout = torch.randn(ref.shape, dtype=torch.float64)
+    dout = grad_out(ref.shape, dtype)
     torch_out, torch_grads = torch_result(lambda q, k, v: _torch.scaled_dot_product_attention(q, k, v, mask),
                                           [q, k, v], dout)  # fmt: skip
     assert_close(out, ref, dtype, torch_out, "out")
@@ -152,7 +152,7 @@ def test_cuda_dropout_backward_uses_the_forward_mask(calls):
     out = attention_cuda.CudaAttention.apply(qq, kk, v, None, 0.125, spec, 0.3, 11)[0]
     ref_in = [_leaf64(x) for x in (qq, kk, v)]
     ref, _ = attention_reference(*ref_in, scale=0.125, mask=spec, dropout_p=0.3, keep=keep)
-    dout = torch.randn(ref.shape, dtype=torch.float64)
+    dout = grad_out(ref.shape, torch.float16)
     kept = keep.to(DEVICE)
     # torch's own ops in fp16 with the same kept scores: softmax, the dropout scaling, the product
     torch_out, torch_grads = torch_result(
@@ -185,7 +185,7 @@ def test_cuda_norm_forward_backward(rows, hidden, dtype, rms, calls):
         return F.rms_norm(x, (hidden,), w, 1e-5) if rms else F.layer_norm(x, (hidden,), w, b, 1e-5)
 
     ref = norm(*ref_in)
-    dy = torch.randn(ref.shape, dtype=torch.float64)
+    dy = grad_out(ref.shape, dtype)
     torch_out, torch_grads = torch_result(norm, params, dy)
     assert_close(y, ref, dtype, torch_out, "y")
     got = torch.autograd.grad(y, params, dy.to(DEVICE, dtype))

@@ -34,7 +34,7 @@ class _Allocations(TorchDispatchMode):
 
 
 def _allocations(L: int) -> _Allocations:
-    q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, L, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r"fastattn\.")  # a step down to the PyTorch path: fail here
         with fastattn.backend("triton"), _Allocations() as record:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import triton
-from helpers import BACKENDS, DEVICE, assert_close, randn, torch_result
+from helpers import BACKENDS, DEVICE, assert_close, grad_out, randn, torch_result
 
 import fastattn
 
@@ -46,7 +46,7 @@ def _check(fn, ref_fn, torch_fn, tensors, dtype):
     torch_out = torch_fn(*torch_in)
     assert out.dtype == dtype
     assert_close(out, ref, dtype, torch_out.detach(), "out")
-    dy = torch.randn(ref.shape, dtype=torch.float64)
+    dy = grad_out(ref.shape, dtype)
     got = torch.autograd.grad(out, tensors, dy.to(DEVICE, dtype))
     want = torch.autograd.grad(ref, ref_in, dy)
     torch_grads = torch.autograd.grad(torch_out, torch_in, dy.to(dtype))
@@ -118,7 +118,7 @@ def test_fp32_weights_with_bf16_activations_and_3d_input():
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
     ref = ref_layer_norm(*leaves, 1e-5)
-    dy = torch.randn_like(ref)
+    dy = grad_out(ref.shape, torch.bfloat16)
     # torch's own layer norm takes the same mix (bf16 input, fp32 parameters) on the CPU
     torch_out, torch_grads = torch_result(lambda x, w, b: F.layer_norm(x, (96,), w, b), [x.cpu(), w.cpu(), b.cpu()], dy)
     assert_close(out, ref, torch.bfloat16, torch_out, "out")
@@ -205,8 +205,8 @@ def test_weight_gradient_is_deterministic_on_a_gpu():
     x, w, b = randn(8192, 1024).requires_grad_(), randn(1024).requires_grad_(), randn(1024).requires_grad_()
     dy = randn(8192, 1024)
     with fastattn.backend("triton"):
-        g1 = torch.autograd.grad(fastattn.layer_norm(x, 128, w, b), (w, b), dy)
-        g2 = torch.autograd.grad(fastattn.layer_norm(x, 128, w, b), (w, b), dy)
+        g1 = torch.autograd.grad(fastattn.layer_norm(x, 1024, w, b), (w, b), dy)
+        g2 = torch.autograd.grad(fastattn.layer_norm(x, 1024, w, b), (w, b), dy)
     assert all(torch.equal(a, c) for a, c in zip(g1, g2))
 
 

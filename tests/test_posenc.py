@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, DEVICE, assert_close, formula_rotary, randn, torch_result, torch_rotary
+from helpers import BACKENDS, DEVICE, assert_close, formula_rotary, grad_out, randn, torch_result, torch_rotary
 
 import fastattn
 from fastattn import _torch
@@ -144,7 +144,7 @@ def test_rotary_fused_into_attention(L, S, interleaved, dim, dtype, backend):
     keep = torch.ones(L, S, dtype=torch.bool).tril(S - L)  # bottom-right causal
     qr, kr = formula_rotary(leaves[0], pos_q, dim, interleaved), formula_rotary(leaves[1], pos_k, dim, interleaved)
     ref = _torch.scaled_dot_product_attention(qr, kr, leaves[2], keep, enable_gqa=True)
-    dout = torch.randn(ref.shape, dtype=torch.float64)
+    dout = grad_out(ref.shape, dtype)
     torch_out, torch_grads = torch_result(
         lambda q, k, v: _torch.scaled_dot_product_attention(
             torch_rotary(q, pos_q, dim, interleaved), torch_rotary(k, pos_k, dim, interleaved), v, keep,
