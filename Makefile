@@ -20,6 +20,6 @@ demo: setup
 	$(PY) benchmarks/bench_attention.py
 
 test: setup
-	$(VENV)/bin/ruff check fastattn tests benchmarks
-	$(VENV)/bin/ruff format --check fastattn tests benchmarks
+	$(VENV)/bin/ruff check fastattn tests benchmarks tools
+	$(VENV)/bin/ruff format --check fastattn tests benchmarks tools
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal tests

@@ -57,6 +57,14 @@ FASTATTN_AUTOTUNE=0 timeout ${E2E_TIMEOUT:-90} $py -m fastattn.bench e2e --quick
   > "$out/e2e.log" 2>&1
 echo "e2e exit code $?" >> "$out/e2e.log"
 
+stamp "every tile config on the GPU"
+# Each forced candidate config against float64 on the hardware (tests/test_attention_configs.py); last, with
+# its own limit, because it compiles about a hundred kernels.
+FASTATTN_TEST_DEVICE=cuda FASTATTN_TEST_CONFIGS=1 timeout ${CONFIG_TIMEOUT:-120} $py -m pytest -q $xdist \
+  -p no:cacheprovider tests/test_attention_configs.py -k forced_gpu_config > "$tmp/configs.log" 2>&1
+echo "config runs exit code $?" >> "$tmp/configs.log"
+tail -n 3 "$tmp/configs.log"
+
 stamp "results table"
 {
   echo "# fastattn device check"
@@ -69,6 +77,7 @@ stamp "results table"
   echo
   echo '```'
   grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|exit code" "$out/tests.log" | tail -n 25
+  grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|exit code" "$tmp/configs.log" | tail -n 10
   echo '```'
   echo
   echo "## Attention (TFLOP/s, median of do_bench)"

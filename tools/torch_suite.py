@@ -62,8 +62,10 @@ def main() -> int:
         "",
         "| run | passed | failed | skipped |",
         "|---|---|---|---|",
-        *(f"| {name} | {count(d, 'passed')} | {count(d, 'failed')} | {count(d, 'skipped')} |"
-          for name, d in (("stock torch", stock), ("fastattn swapped in", swapped))),  # fmt: skip
+        *(
+            f"| {name} | {count(d, 'passed')} | {count(d, 'failed')} | {count(d, 'skipped')} |"
+            for name, d in (("stock torch", stock), ("fastattn swapped in", swapped))
+        ),  # fmt: skip
         "",
         f"Passing on stock torch but not swapped: {len(regressions)}",
         *(f"- {n} ({swapped.get(n, 'missing')})" for n in regressions),

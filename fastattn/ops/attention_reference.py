@@ -4,6 +4,8 @@ checking and for the CPU, not for speed."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .attention_launch import MaskSpec
@@ -23,14 +25,20 @@ def visible_mask(L: int, S: int, mask: MaskSpec, device: torch.device) -> torch.
     return ok
 
 
-def attention_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`_attention_reference`; runs with autocast off, so the matrix products stay in the compute
-    dtype (under autocast they would be re-cast to bf16/fp16 after the upcast)."""
-    with torch.autocast(args[0].device.type, enabled=False):
-        return _attention_reference(*args, **kwargs)
+def _autocast_off(fn):
+    """Run ``fn(q, ...)`` with autocast off on q's device: the matrix products stay in the compute dtype (under
+    autocast they would be re-cast to bf16/fp16 after the upcast)."""
+
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapper
 
 
-def _attention_reference(
+@_autocast_off
+def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
