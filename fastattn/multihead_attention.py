@@ -63,10 +63,19 @@ class MultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        if torch.jit.is_scripting():
-            return self._scripted_forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
+        if torch.jit.is_scripting():  # torch's own computation: TorchScript cannot compile fastattn's dispatch
+            batched = query.dim() == 3
+            if self.batch_first and batched:
+                query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+            out, weights = F.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+                self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+                need_weights=need_weights, attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights, is_causal=is_causal,
+            )  # fmt: skip
+            return (out.transpose(1, 0) if self.batch_first and batched else out), weights
         return self._fastattn_forward(
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
@@ -78,31 +87,6 @@ class MultiheadAttention(nn.MultiheadAttention):
             instead="torch's nn.MultiheadAttention computation in the scripted module",
         )
         return self
-
-    def _scripted_forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Optional[Tensor],
-        need_weights: bool,
-        attn_mask: Optional[Tensor],
-        average_attn_weights: bool,
-        is_causal: bool,
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """What a scripted module runs: torch's own computation, ``F.multi_head_attention_forward``."""
-        batched = query.dim() == 3
-        if self.batch_first and batched:
-            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
-        out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
-            self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
-            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
-            q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
-            average_attn_weights=average_attn_weights, is_causal=is_causal,
-        )  # fmt: skip
-        return (out.transpose(1, 0) if self.batch_first and batched else out), weights
 
     @torch.jit.unused
     def _fastattn_forward(
