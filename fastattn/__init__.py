@@ -3,7 +3,8 @@
 ``scaled_dot_product_attention`` is a drop-in for torch's; ``attention`` is the native entry with bottom-right
 causal alignment, sliding windows, a differentiable bias and the log-sum-exp; ``varlen_attention`` takes packed
 sequences and ``decode_attention`` a key/value cache. ``backend`` selects where ops run (``"auto"``,
-``"triton"``, ``"cuda"``, ``"torch"``; also ``FASTATTN_BACKEND``). ``MultiheadAttention`` is a drop-in for
+``"triton"``, ``"gluon"``, ``"cuda"``, ``"torch"``; also ``FASTATTN_BACKEND``), and ``kernel_log()`` records which
+kernels ran. ``MultiheadAttention`` is a drop-in for
 ``nn.MultiheadAttention``, and ``patch(model)`` swaps it into an existing model. ``fastattn.models`` holds
 reference models, ``fastattn.distributed`` ring attention, ``fastattn.bench`` the ``fastattn-bench`` tool.
 """
@@ -11,6 +12,7 @@ reference models, ``fastattn.distributed`` ring attention, ``fastattn.bench`` th
 from ._attention import attention, scaled_dot_product_attention
 from ._backend import backend, current_backend
 from ._info import info
+from ._kernel_log import kernel_log
 from ._patch import patch
 from .decode import decode_attention
 from .multihead_attention import MultiheadAttention
@@ -33,6 +35,7 @@ __all__ = [
     "current_backend",
     "decode_attention",
     "info",
+    "kernel_log",
     "layer_norm",
     "pad",
     "patch",

@@ -15,6 +15,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _torch
 from ._backend import use_triton
+from ._kernel_log import record
 from .ops.attention_function import attention_forward, triton_refusal
 from .ops.attention_launch import MaskSpec, RotarySpec
 from .posenc import RotaryEmbedding
@@ -206,6 +207,7 @@ def scaled_dot_product_attention(
     if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
         if causal_bias:  # torch's own handling of its bias (its fused bottom-right kernels where they apply)
             return bias._dispatch(query, key, value, bias, dropout_p, False, scale, enable_gqa)
+        record("attention_fwd", "scaled_dot_product_attention", "torch")
         return _torch.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )

@@ -1,9 +1,12 @@
-"""Backend choice: one place decides whether an op runs its CUDA C++ kernel, its Triton kernel or PyTorch.
+"""Backend choice: one place decides whether an op runs its CUDA C++, Gluon or Triton kernel, or PyTorch.
 
-``auto`` takes Triton for CUDA tensors and PyTorch on the CPU; ``triton`` asks for the Triton kernels everywhere
-they can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``cuda`` asks for the CUDA C++
-kernels of ``fastattn._C`` (CUDA tensors only), then Triton for what they do not take; ``torch`` always takes
-PyTorch. Each step down (CUDA to Triton, Triton to PyTorch) gives its reason in a one-time warning.
+``auto`` takes Triton for CUDA tensors (for the SDPA drop-in, torch's own SDPA where the committed GPU
+measurements found it faster: ``ops.attention_choice``) and PyTorch on the CPU; ``triton`` asks for the Triton
+kernels everywhere they can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``gluon`` asks for
+the Gluon kernels of the attention forward (sm_90, or the Gluon emulator under ``TRITON_INTERPRET=1``), then
+Triton for what they do not take; ``cuda`` asks for the CUDA C++ kernels of ``fastattn._C`` (CUDA tensors
+only), then Triton for what they do not take; ``torch`` always takes PyTorch. Each step down (CUDA or Gluon to
+Triton, Triton to PyTorch) gives its reason in a one-time warning.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+BACKENDS = ("auto", "triton", "gluon", "cuda", "torch")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
 _warned: set[str] = set()
 
@@ -39,8 +42,8 @@ def current_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Context manager that selects the backend (``"auto"``, ``"triton"``, ``"cuda"`` or ``"torch"``) in its
-    block."""
+    """Context manager that selects the backend (``"auto"``, ``"triton"``, ``"gluon"``, ``"cuda"`` or
+    ``"torch"``) in its block."""
     token = _override.set(_check_name(name, "backend"))
     try:
         yield
@@ -86,11 +89,32 @@ def use_cuda(op: str, device: torch.device, refusal: Callable[[], str | None]) -
     return True
 
 
+def use_gluon(op: str, refusal: Callable[[], str | None]) -> bool:
+    """Whether ``op`` runs its Gluon kernel: only under the ``gluon`` backend, when ``refusal()`` (the
+    kernel's reason for not taking the case, or None) allows; otherwise, under ``gluon``, a one-time warning
+    says why and the caller goes on to Triton."""
+    if current_backend() != "gluon":
+        return False
+    why = refusal() or triton_available()
+    if why is not None:
+        warn_once(op, f"the Gluon kernels cannot run: {why}", instead="the Triton kernels")
+        return False
+    return True
+
+
+def no_gluon_kernel(op: str) -> None:
+    """For an op with no Gluon kernel, about to run its Triton kernel: under ``gluon``, say so once."""
+    if current_backend() == "gluon":
+        warn_once(op, f"the Gluon kernels have no {op}", instead="the Triton kernels")
+
+
 def triton_only(op: str) -> None:
-    """For an op the CUDA C++ kernels do not implement, about to run its Triton kernel: under the ``cuda``
-    backend, say so once (the user asked for the CUDA kernels)."""
-    if current_backend() == "cuda":
-        warn_once(op, f"the CUDA C++ kernels have no {op}", instead="the Triton kernels")
+    """For an op the CUDA C++ (or Gluon) kernels do not implement, about to run its Triton kernel: under the
+    ``cuda`` or ``gluon`` backend, say so once (the user asked for those kernels)."""
+    name = current_backend()
+    if name in ("cuda", "gluon"):
+        kind = "CUDA C++" if name == "cuda" else "Gluon"
+        warn_once(op, f"the {kind} kernels have no {op}", instead="the Triton kernels")
 
 
 def use_triton(op: str, device: torch.device, refusal: str | None) -> bool:

@@ -237,6 +237,40 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {' / '.join(dict.fromkeys([lines[0], lines[-1]]))}"[:240]
 
 
+def compile_gluon(kernel, args: list, constexprs: dict, num_warps: int, arch: str = "sm_90", maxnreg=None) -> dict:
+    """Compile a ``@gluon.jit`` kernel ahead of time; ``args`` are example values of its non-constexpr
+    parameters in order (tensors, descriptors, ints), whose types make the signature as the JIT would.
+    Returns a row: total ``num_warps`` (partitions padded to warpgroups), ``setmaxnreg`` (the register budgets
+    set, in order), ``wgmma``, ``wgmma_async`` (a wait that leaves a wgmma group in flight), registers,
+    spills, shared_bytes, atomics."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    signature, values = {}, iter(args)
+    for name in kernel.arg_names:
+        signature[name] = "constexpr" if name in constexprs else mangle_type(next(values))
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = triton.compile(
+            GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", _capability(arch), 32),
+            options=options,
+        )  # fmt: skip
+    ptx = compiled.asm["ptx"]
+    registers, spills = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+    budgets = [int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)]
+    return dict(
+        kernel=compiled.metadata.name,
+        num_warps=compiled.metadata.num_warps,
+        setmaxnreg=list(dict.fromkeys(budgets)),
+        wgmma="wgmma.mma_async" in ptx,
+        wgmma_async=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
+        registers=registers,
+        spills=spills,
+        shared_bytes=compiled.metadata.shared,
+        atomics=len(re.findall(r"(?<![\w.%])(?:atom|red)\.", ptx)),
+    )
+
+
 def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
     kernel, causal, head_dim, dtype, cfg, capability = job
     if kernel in NORM_KERNELS:

@@ -6,6 +6,7 @@ import torch
 
 from ._attention import _autocast, _check_alibi, _check_scale
 from ._backend import triton_only, use_triton
+from ._kernel_log import record
 from .ops.attention_function import triton_refusal
 from .ops.attention_launch import MaskSpec, Varlen, attention_fwd
 from .ops.attention_reference import attention_reference
@@ -173,6 +174,7 @@ def decode_attention(
             else:
                 kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
             a = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
+            record("decode_attention", "attention_reference", "torch")
             out, _ = attention_reference(q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a)
             outs.append(out)
         return torch.cat(outs).to(q.dtype)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_cuda, use_triton
+from .._backend import use_cuda, use_gluon, use_triton, warn_once
+from .._kernel_log import record
 from .attention_cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
+from .attention_gluon import attention_fwd_gluon, gluon_refusal
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -44,7 +46,7 @@ def _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset):
 
 
 # The op's arguments after the tensors: scale, visibility (offset, left, right), dropout_p, the rotary spec
-# (dim 0 = none, base, interleaved, offset) and the kernel backend ("triton" or "cuda").
+# (dim 0 = none, base, interleaved, offset) and the kernel backend ("triton", "gluon" or "cuda").
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, alibi: torch.Tensor | None,
@@ -56,6 +58,8 @@ def attention_fwd_op(
     s = int(seed.item())
     if backend == "cuda":
         return attention_fwd_cuda(q, k, v, key_padding_mask(bias), scale, mask, dropout_p, s)
+    if backend == "gluon":
+        return attention_fwd_gluon(q, k, v, scale, mask)
     return attention_fwd(q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot)
 
 
@@ -80,6 +84,8 @@ def attention_bwd_op(
     if backend == "cuda":
         dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask(bias), scale, mask, dropout_p, s)
         return dq, dk, dv, q.new_empty(0)
+    if backend == "gluon":  # its forward's out and lse are what the Triton backward takes
+        warn_once("attention backward", "the Gluon kernels have no backward yet", instead="the Triton kernels")
     if rot is not None:  # the backward kernels take rotated q/k; their gradients turn back afterwards
         q, k = _rotate(q, rot, _q_offset(rot, q, k), 1.0), _rotate(k, rot, rot.offset, 1.0)
     dq, dk, dv, dbias = attention_bwd(
@@ -129,12 +135,14 @@ def attention_forward(
     alibi: torch.Tensor | None = None,
     rotary: RotarySpec | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` through the CUDA kernels (``cuda`` backend) or the Triton kernels when the backend and the
-    case allow (the ``fastattn::attention_fwd`` op), else through the PyTorch reference (float32 compute for
-    half inputs)."""
+    """``(out, lse)`` through the CUDA kernels (``cuda`` backend), the Gluon kernels (``gluon``) or the Triton
+    kernels when the backend and the case allow (the ``fastattn::attention_fwd`` op), else through the PyTorch
+    reference (float32 compute for half inputs)."""
     backend = None
     if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary)):
         backend = "cuda"
+    elif use_gluon(op, lambda: gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary)):
+        backend = "gluon"
     elif use_triton(op, q.device, triton_refusal(q, v)):
         backend = "triton"
     if backend is not None:
@@ -148,6 +156,7 @@ def attention_forward(
             _rotate(q, rotary, _q_offset(rotary, q, k), 1.0, kernel=False),
             _rotate(k, rotary, rotary.offset, 1.0, kernel=False),
         )
+    record(op if op.startswith("attention") else "attention_fwd", "attention_reference", "torch")
     return attention_reference(q, k, v, bias, scale, mask, dropout_p, alibi=alibi)
 
 

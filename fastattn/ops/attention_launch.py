@@ -14,6 +14,7 @@ import torch
 import triton
 
 from .._backend import interpreting
+from .._kernel_log import record
 from .attention_bwd_kernel import (
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
@@ -211,6 +212,7 @@ def attention_fwd(
     def launch(cfg):
         grid = (triton.cdiv(L, cfg.block_m), Z * H, 1 if varlen is None else varlen.splits)
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
+        record("attention_fwd", "_attention_fwd_kernel", "triton")
         _attention_fwd_kernel[grid](
             q,
             kk,
@@ -293,6 +295,7 @@ def attention_bwd(
     bd_k, bd_v = _block_d(E), _block_d(EV)
     delta = _new(lse.shape, torch.float32, q.device)
     seq = _seq_args(varlen, q, H, L)
+    record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
     _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
         out,
         do,
@@ -329,6 +332,7 @@ def attention_bwd(
 
     def launch_dkdv(cfg):
         qq, dd = (_descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)) if cfg.tma else (q, do)
+        record("attention_bwd", "_attention_bwd_dkdv_kernel", "triton")
         _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
             qq,
             k,
@@ -357,6 +361,7 @@ def attention_bwd(
 
     def launch_dq(cfg):
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
+        record("attention_bwd", "_attention_bwd_dq_kernel", "triton")
         _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
             q,
             kk,

@@ -53,8 +53,17 @@ def unavailable(device: torch.device) -> str | None:
 def launch(t: torch.Tensor, name: str, *args) -> int:
     """Call launcher ``name`` of the extension with ``t``'s device current: the kernels (and their attribute
     settings) go to the current device, and the stream passed is that device's."""
+    from .._kernel_log import record
+
+    record(_OPS.get(name, name), name, "cuda")
     with torch.cuda.device(t.device):
         return getattr(ext(), name)(*args)
+
+
+_OPS = {
+    "attention_forward": "attention_fwd", "attention_backward": "attention_bwd", "norm_forward": "norm_fwd",
+    "norm_backward": "norm_bwd", "rotary_forward": "apply_rotary", "sinusoidal_forward": "sinusoidal_encoding",
+}  # fmt: skip
 
 
 def check(code: int, op: str) -> None:

@@ -8,7 +8,8 @@ import math
 import torch
 
 from .. import _torch
-from .._backend import use_cuda, use_triton
+from .._backend import no_gluon_kernel, use_cuda, use_triton
+from .._kernel_log import record
 from .attention_function import SUPPORTED_DTYPES, dropout_seed
 from .norm_cuda import cuda_refusal, norm_bwd_cuda, norm_fwd_cuda
 from .norm_launch import norm_bwd, norm_fwd
@@ -104,6 +105,7 @@ def _autocast_dtype(x: torch.Tensor, shape, is_rms: bool) -> torch.dtype | None:
 
 
 def _torch_norm(x, shape, weight, bias, eps, is_rms):
+    record("norm_fwd", "rms_norm" if is_rms else "layer_norm", "torch")
     if is_rms:
         return _torch.rms_norm(x, shape, weight, eps)
     return _torch.layer_norm(x, shape, weight, bias, eps)
@@ -138,6 +140,7 @@ def norm_forward(
     if use_cuda(op, x.device, lambda: cuda_refusal(x, weight, bias, n, fused)):
         backend = "cuda"
     elif use_triton(op, x.device, _refusal(x, (weight, bias, residual))):
+        no_gluon_kernel(op)
         backend = "triton"
     if backend is not None:
         q = p if fused else 0.0

@@ -6,6 +6,7 @@ import torch
 import triton
 
 from .._backend import interpreting
+from .._kernel_log import record
 from .attention_launch import _new
 from .norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
 
@@ -55,6 +56,7 @@ def norm_fwd(
     rstd = _new((m,), torch.float32, x.device)
     block, chunks = _tile(n)
     if m > 0:
+        record("norm_fwd", "_norm_fwd_kernel", "triton")
         _norm_fwd_kernel[(m,)](
             x2, r2, x2 if weight is None else weight, x2 if bias is None else bias, y, s, mean, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), n, eps, dropout_p, seed,
@@ -95,6 +97,7 @@ def norm_bwd(
     dw = alloc((programs, n), dtype=torch.float32, device=s.device) if weight is not None else None
     db = alloc((programs, n), dtype=torch.float32, device=s.device) if bias is not None else None
     if m > 0:
+        record("norm_bwd", "_norm_bwd_kernel", "triton")
         _norm_bwd_kernel[(programs,)](
             s2, s2 if weight is None else weight, dy2, dso, dx, dr, s2 if dw is None else dw,
             s2 if db is None else db, mean, rstd, s2.stride(0), dy2.stride(0), dso.stride(0), dx.stride(0),

@@ -8,7 +8,8 @@ import functools
 import torch
 import triton
 
-from .._backend import use_cuda, use_triton
+from .._backend import no_gluon_kernel, use_cuda, use_triton
+from .._kernel_log import record
 from . import posenc_cuda
 from .attention_function import SUPPORTED_DTYPES
 from .attention_launch import _new
@@ -69,6 +70,7 @@ def sinusoidal_fwd(x: torch.Tensor, offset: int, scale: float, base: float) -> t
     L, D = x.shape[-2], x.shape[-1]
     block_r, block_d = sinusoidal_tiles(D)
     if x2.shape[0] > 0:
+        record("sinusoidal_encoding", "_sinusoidal_kernel", "triton")
         _sinusoidal_kernel[(triton.cdiv(x2.shape[0], block_r), triton.cdiv(D, block_d))](
             x2, y, inv_freq((D + 1) // 2, D, base, x.device), x2.stride(0), y.stride(0), x2.shape[0], L, D, offset,
             scale,
@@ -88,6 +90,7 @@ def rotary_fwd(x, pos, offset, base, interleaved, rot, sign) -> torch.Tensor:
     has_pos = pos is not None
     p = pos if has_pos else x2
     if x2.shape[0] > 0:
+        record("apply_rotary", "_rotary_kernel", "triton")
         _rotary_kernel[(triton.cdiv(x2.shape[0], block_r),)](
             x2, y, p, inv_freq(max(rot // 2, 1), rot, base, x.device), x2.stride(0), y.stride(0),
             (pos.stride(0) if has_pos and pos.shape[0] > 1 else 0), x2.shape[0], H, L, E, rot, offset, sign,
@@ -148,7 +151,9 @@ def sinusoidal_forward(x: torch.Tensor, offset: int, scale: float, base: float) 
     if use_cuda("sinusoidal_encoding", x.device, lambda: _refusal(x)):
         return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "cuda")
     if use_triton("sinusoidal_encoding", x.device, _refusal(x)):
+        no_gluon_kernel("sinusoidal_encoding")
         return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "triton")
+    record("sinusoidal_encoding", "sinusoidal_table", "torch")
     pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
     return (x * scale + sinusoidal_table(pos, x.shape[-1], base).to(torch.float32)).to(x.dtype)
 
@@ -157,7 +162,9 @@ def rotary_forward(x, pos, offset, base, interleaved, rot) -> torch.Tensor:
     if use_cuda("apply_rotary", x.device, lambda: _refusal(x)):
         return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "cuda")
     if use_triton("apply_rotary", x.device, _refusal(x)):
+        no_gluon_kernel("apply_rotary")
         return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "triton")
     if pos is None:
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device)[None]
+    record("apply_rotary", "rotary_reference", "torch")
     return rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32)

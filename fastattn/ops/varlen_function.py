@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._kernel_log import record
 from .attention_launch import MaskSpec, Varlen, _new, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -94,6 +95,7 @@ def varlen_reference(q, k, v, cu_q: list[int], cu_k: list[int], scale, left, rig
             o = q.new_zeros((1, q.shape[1], qb.shape[2], v.shape[2]))
             lse = torch.full((1, q.shape[1], qb.shape[2]), float("-inf"), device=q.device)
         else:
+            record("varlen_attention", "attention_reference", "torch")
             o, lse = attention_reference(qb, kb, vb, None, scale, spec, dropout_p)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].float())

@@ -1,0 +1,93 @@
+"""Launcher of the Gluon attention kernels (sm_90): descriptors, tiles, the persistent grid, and what they take.
+
+Under ``TRITON_INTERPRET=1`` the launch goes through ``fastattn.testing.gluon_emulate`` on CPU tensors, as
+the Triton launches go through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._backend import interpreting
+from .._kernel_log import record
+
+HEAD_DIMS = (64, 128, 256)
+BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
+EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
+
+
+def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary) -> str | None:
+    """Why the Gluon forward cannot take this case (the Triton kernels then run), or None."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the Gluon kernels take float16 and bfloat16, not {q.dtype}"
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
+        return f"the Gluon kernels take head dims {HEAD_DIMS} (query {q.shape[-1]}, value {v.shape[-1]})"
+    if bias is not None:
+        return "the Gluon kernels take no bias or mask tensor"
+    if dropout_p > 0.0:
+        return "the Gluon kernels have no dropout"
+    if alibi is not None:
+        return "the Gluon kernels have no ALiBi"
+    if rotary is not None:
+        return "the Gluon kernels have no fused rotary embeddings"
+    if not interpreting():
+        if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+            return "the Gluon kernels are written for sm_90 (Hopper) GPUs"
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        strides = t.stride()[:-1]
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s == 0 or s * t.element_size() % 16 for s in strides):
+            return f"the {name} is not laid out for the copy engine (unit last stride, 16-byte aligned strides)"
+    return None
+
+
+def _tiles(e: int) -> tuple[int, int]:
+    """(BLOCK_N, STAGES): a 64 x 256 fp32 accumulator leaves registers for 64-key score tiles only."""
+    return {64: (128, 3), 128: (128, 2), 256: (64, 2)}[e]
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [1, 1, rows, t.shape[-1]]
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(block[2:], dtype)  # the shared tile is [rows, head dim]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def _programs(tiles: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(tiles, EMULATED_SMS)
+
+
+def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the canonical inputs (see ``attention_function``); ``mask`` a ``MaskSpec``."""
+    from .attention_gluon_fwd import LOG2E, attention_fwd_gluon_kernel
+
+    Z, H, L, E = q.shape
+    S = k.shape[2]
+    out = torch.empty((Z, H, L, E), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Z, H, L), dtype=torch.float32, device=q.device)
+    if os.environ.get("FASTATTN_POISON") == "1":
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    block_n, stages = _tiles(E)
+    tiles = -(-L // (2 * BLOCK_M)) * Z * H
+    grid = (_programs(tiles, q.device),)
+    kernel = attention_fwd_gluon_kernel
+    if interpreting():
+        from ..testing import gluon_emulate
+
+        kernel = gluon_emulate(kernel)
+    record("attention_fwd", "attention_fwd_gluon_kernel", "gluon")
+    kernel[grid](
+        _descriptor(q, BLOCK_M), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), Z, H, L, S, H // k.shape[1],
+        scale * LOG2E.value, mask.offset, mask.left or 0, mask.right or 0,
+        HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HEAD_DV=E, BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n, STAGES=stages, LOADER_REGS=24, CONSUMER_REGS=240, num_warps=4,
+    )  # fmt: skip
+    return out, lse

@@ -1,0 +1,131 @@
+"""The Gluon attention forward (fastattn.backend("gluon")), run by the Gluon emulator on the CPU (and by the
+GPU on sm_90): every case it takes against float64, within the low-precision rule of tests/helpers.py against
+torch's own SDPA on the same inputs; kernel_log shows the Gluon kernel ran. Its backward is, for now, the
+Triton one (a one-time warning says so), checked here as well since it consumes the Gluon forward's out and
+log-sum-exp. A planted synchronization bug (one mbarrier wait skipped) is caught by the emulator."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close, grad_out, randn, reference, torch_sdpa
+
+import fastattn
+from fastattn import _torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
+    pytest.skip("the Gluon kernels are written for sm_90", allow_module_level=True)
+
+
+def _run(q, k, v, **kw):
+    with fastattn.backend("gluon"), fastattn.kernel_log() as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the backward's one-time step down to Triton
+        out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    assert ("attention_fwd", "attention_fwd_gluon_kernel", "gluon") in log, log
+    return out, lse
+
+
+CASES = [
+    # (N, H, H_kv, L, S, E), attention() keywords
+    pytest.param((1, 2, 2, 128, 128, 64), {}, id="d64"),
+    pytest.param((1, 2, 1, 100, 257, 128), {"causal": True}, id="d128-causal-bottom-right-ragged-gqa"),
+    pytest.param((2, 1, 1, 70, 33, 256), {"causal": True}, id="d256-causal-L>S-empty-rows"),
+    pytest.param((1, 4, 1, 96, 200, 64), {"window": (40, 8)}, id="d64-window-mqa"),
+    pytest.param((1, 2, 2, 190, 190, 128), {"window": (31, None)}, id="d128-window-left"),
+    pytest.param((1, 2, 1, 129, 300, 64), {"window": (None, 20)}, id="d64-window-right-ragged"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,kw", CASES)
+def test_gluon_forward_and_backward(shape, kw, dtype):
+    N, H, HK, L, S, E = shape
+    q = randn(N, H, L, E, dtype=dtype, requires_grad=True)
+    k, v = randn(N, HK, S, E, dtype=dtype, requires_grad=True), randn(N, HK, S, E, dtype=dtype, requires_grad=True)
+    out, lse = _run(q, k, v, **kw)
+    left, right = kw.get("window", (None, None))
+    if kw.get("causal"):
+        right = 0
+    ref_in = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = reference(*ref_in, offset=S - L, left=left, right=right)
+    # torch's own SDPA in this dtype with the same visibility: the yardstick of the low-precision rule.
+    i, j = torch.arange(L)[:, None] + S - L, torch.arange(S)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool)
+    keep &= (j >= i - left) if left is not None else keep
+    keep &= (j <= i + right) if right is not None else keep
+    leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    theirs = torch_sdpa(*leaves, keep, enable_gqa=True)
+    theirs = torch.where(keep.any(-1)[:, None], theirs, 0.0)  # rows with no visible key: 0, as documented
+    assert_close(out, ref, dtype, theirs, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert ((lse.cpu()[finite].double() - ref_lse[finite]).abs().max() < 1e-4).item()
+    dout = grad_out(ref.shape, dtype)
+    got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
+    want = torch.autograd.grad(ref, ref_in, dout)
+    mine = torch.autograd.grad(theirs, leaves, dout.to(dtype))
+    for name, g, w, t in zip("qkv", got, want, mine):
+        assert_close(g, w, dtype, t, f"d{name}")
+
+
+def test_sdpa_drop_in_takes_the_gluon_kernel():
+    q, k, v = (randn(2, 2, 65, 128, dtype=torch.bfloat16) for _ in range(3))
+    with fastattn.backend("gluon"), fastattn.kernel_log() as log:
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)  # top-left, as torch's
+    assert log == [("attention_fwd", "attention_fwd_gluon_kernel", "gluon")]
+    ref = _torch.scaled_dot_product_attention(*(x.double().cpu() for x in (q, k, v)), is_causal=True)
+    assert_close(out, ref, torch.bfloat16, _torch.scaled_dot_product_attention(q, k, v, is_causal=True), "out")
+
+
+@pytest.mark.parametrize(
+    "dtype,E,why",
+    [(torch.float32, 64, "float16 and bfloat16"), (torch.bfloat16, 96, "head dims (64, 128, 256)")],
+    ids=["fp32", "d96"],
+)
+def test_cases_it_does_not_take_step_down_with_the_reason(dtype, E, why):
+    q = randn(1, 2, 40, E, dtype=dtype)
+    with fastattn.backend("gluon"), fastattn.kernel_log() as log, pytest.warns(RuntimeWarning, match=re.escape(why)):
+        fastattn._backend._warned.clear()
+        fastattn.scaled_dot_product_attention(q, q, q)
+    assert [e.backend for e in log] == ["triton"]
+
+
+def _barrier_line(name: str) -> int:
+    """The source line of the kernel that allocates barrier array ``name`` (the emulator names barriers so)."""
+    import fastattn.ops.attention_gluon_fwd as src
+
+    lines = open(src.__file__).read().splitlines()
+    return next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{name} = gl.allocate_shared"))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the emulator's check: on a GPU a skipped wait is a silent race")
+@pytest.mark.parametrize("barrier", ["q_ready", "k_ready", "v_ready", "kv_empty"])
+def test_a_skipped_wait_is_caught(monkeypatch, barrier):
+    """Drop the first wait on one of the kernel's barrier arrays that orders something (not the free pass of
+    a fresh ring): the emulator reports the race (or the deadlock that follows), whether or not this run's
+    interleaving happened to have the data in place: the accesses are no longer ordered."""
+    from fastattn.testing import DeadlockError, RaceError, gluon_emulator
+
+    real, skipped = gluon_emulator._MBARRIER.wait, []
+    where = f"attention_gluon_fwd.py:{_barrier_line(barrier)}["
+
+    def wait(bar, phase, pred=True, deps=()):
+        b = gluon_emulator._barrier(bar)
+        free_pass = b.completed == 0 and int(phase) & 1 == 1  # the first pass over a ring waits on nothing
+        if not skipped and where in b.name and not free_pass:
+            skipped.append(b.name)
+            return None
+        return real(bar, phase, pred, deps)
+
+    monkeypatch.setattr(gluon_emulator._MBARRIER, "wait", wait)
+    q = randn(1, 1, 128, 64, dtype=torch.bfloat16)
+    k, v = randn(1, 1, 640, 64, dtype=torch.bfloat16), randn(1, 1, 640, 64, dtype=torch.bfloat16)
+    with pytest.raises((RaceError, DeadlockError)):
+        with fastattn.backend("gluon"):
+            fastattn.attention(q, k, v)
+    assert skipped, "no wait on that barrier was dropped"
