@@ -41,8 +41,10 @@ def kernel_log() -> Iterator[list[KernelLaunch]]:
 
 
 def record(op: str, kernel: str, backend: str) -> None:
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace ContextVar.get
+        return
     logs = _active.get()
-    if not logs or torch.compiler.is_compiling():
+    if not logs:
         return
     entry = KernelLaunch(op, kernel, backend)
     for entries in logs:

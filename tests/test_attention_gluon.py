@@ -1,8 +1,8 @@
-"""The Gluon attention forward (fastattn.backend("gluon")), run by the Gluon emulator on the CPU (and by the
-GPU on sm_90): every case it takes against float64, within the low-precision rule of tests/helpers.py against
-torch's own SDPA on the same inputs; kernel_log shows the Gluon kernel ran. Its backward is, for now, the
-Triton one (a one-time warning says so), checked here as well since it consumes the Gluon forward's out and
-log-sum-exp. A planted synchronization bug (one mbarrier wait skipped) is caught by the emulator."""
+"""The Gluon attention kernels (fastattn.backend("gluon")), run by the Gluon emulator on the CPU (and by the
+GPU on sm_90): every case they take, forward and backward, against float64 within the low-precision rule of
+tests/helpers.py against torch's own SDPA on the same inputs; kernel_log shows the Gluon kernels ran (at head
+dim 256 the backward is the Triton one, with a one-time warning). Planted synchronization bugs (a dropped
+mbarrier wait) are caught by the emulator."""
 
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
 
 
 def _run(q, k, v, **kw):
-    with fastattn.backend("gluon"), fastattn.kernel_log() as log, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the backward's one-time step down to Triton
+    with fastattn.backend("gluon"), fastattn.kernel_log() as log:
         out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
-    assert ("attention_fwd", "attention_fwd_gluon_kernel", "gluon") in log, log
+    assert log == [("attention_fwd", "attention_fwd_gluon_kernel", "gluon")], log
     return out, lse
 
 
@@ -66,7 +65,11 @@ def test_gluon_forward_and_backward(shape, kw, dtype):
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
     assert ((lse.cpu()[finite].double() - ref_lse[finite]).abs().max() < 1e-4).item()
     dout = grad_out(ref.shape, dtype)
-    got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
+    with fastattn.kernel_log() as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # head dim 256: the one-time step down to Triton
+        got = torch.autograd.grad(out, (q, k, v), dout.to(DEVICE, dtype))
+    bwd = "attention_bwd_gluon_kernel" if E <= 128 else "_attention_bwd_dkdv_kernel"
+    assert bwd in [e.kernel for e in log], log
     want = torch.autograd.grad(ref, ref_in, dout)
     mine = torch.autograd.grad(theirs, leaves, dout.to(dtype))
     for name, g, w, t in zip("qkv", got, want, mine):
@@ -95,24 +98,30 @@ def test_cases_it_does_not_take_step_down_with_the_reason(dtype, E, why):
     assert [e.backend for e in log] == ["triton"]
 
 
-def _barrier_line(name: str) -> int:
-    """The source line of the kernel that allocates barrier array ``name`` (the emulator names barriers so)."""
-    import fastattn.ops.attention_gluon_fwd as src
+def _barrier_line(name: str, kernel: str) -> int:
+    """The source line of ``kernel`` (module fastattn.ops.<kernel>) that allocates barrier array ``name`` (the
+    emulator names barriers by the line that allocates them)."""
+    import importlib
 
+    src = importlib.import_module(f"fastattn.ops.{kernel}")
     lines = open(src.__file__).read().splitlines()
     return next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{name} = gl.allocate_shared"))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the emulator's check: on a GPU a skipped wait is a silent race")
-@pytest.mark.parametrize("barrier", ["q_ready", "k_ready", "v_ready", "kv_empty"])
-def test_a_skipped_wait_is_caught(monkeypatch, barrier):
+@pytest.mark.parametrize(
+    "kernel,barrier",
+    [("attention_gluon_fwd", b) for b in ("q_ready", "k_ready", "v_ready", "kv_empty")]
+    + [("attention_gluon_bwd", b) for b in ("kv_ready", "qdo_ready", "qdo_empty")],
+)
+def test_a_skipped_wait_is_caught(monkeypatch, kernel, barrier):
     """Drop the first wait on one of the kernel's barrier arrays that orders something (not the free pass of
     a fresh ring): the emulator reports the race (or the deadlock that follows), whether or not this run's
     interleaving happened to have the data in place: the accesses are no longer ordered."""
     from fastattn.testing import DeadlockError, RaceError, gluon_emulator
 
     real, skipped = gluon_emulator._MBARRIER.wait, []
-    where = f"attention_gluon_fwd.py:{_barrier_line(barrier)}["
+    where = f"{kernel}.py:{_barrier_line(barrier, kernel)}["
 
     def wait(bar, phase, pred=True, deps=()):
         b = gluon_emulator._barrier(bar)
@@ -123,9 +132,10 @@ def test_a_skipped_wait_is_caught(monkeypatch, barrier):
         return real(bar, phase, pred, deps)
 
     monkeypatch.setattr(gluon_emulator._MBARRIER, "wait", wait)
-    q = randn(1, 1, 128, 64, dtype=torch.bfloat16)
-    k, v = randn(1, 1, 640, 64, dtype=torch.bfloat16), randn(1, 1, 640, 64, dtype=torch.bfloat16)
+    q = randn(1, 1, 128, 64, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (randn(1, 1, 640, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     with pytest.raises((RaceError, DeadlockError)):
         with fastattn.backend("gluon"):
-            fastattn.attention(q, k, v)
+            out = fastattn.attention(q, k, v)
+            out.backward(torch.randn_like(out))  # (out.sum()'s stride-0 gradient would go to Triton)
     assert skipped, "no wait on that barrier was dropped"

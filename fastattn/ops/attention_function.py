@@ -14,7 +14,7 @@ import torch
 from .._backend import use_cuda, use_gluon, use_triton, warn_once
 from .._kernel_log import record
 from .attention_cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
-from .attention_gluon import attention_fwd_gluon, gluon_refusal
+from .attention_gluon import attention_bwd_gluon, attention_fwd_gluon, gluon_bwd_refusal, gluon_refusal
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -84,8 +84,13 @@ def attention_bwd_op(
     if backend == "cuda":
         dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask(bias), scale, mask, dropout_p, s)
         return dq, dk, dv, q.new_empty(0)
-    if backend == "gluon":  # its forward's out and lse are what the Triton backward takes
-        warn_once("attention backward", "the Gluon kernels have no backward yet", instead="the Triton kernels")
+    if backend == "gluon":  # the Gluon forward took the case: no bias, dropout, ALiBi or rotary
+        why = gluon_bwd_refusal(dout, q, k, v)
+        if why is None:
+            dq, dk, dv = attention_bwd_gluon(dout, q, k, v, out, lse, scale, mask)
+            return dq, dk, dv, q.new_empty(0)
+        # The Gluon forward's out and lse are what the Triton backward takes.
+        warn_once("attention backward", f"the Gluon backward cannot run: {why}", instead="the Triton kernels")
     if rot is not None:  # the backward kernels take rotated q/k; their gradients turn back afterwards
         q, k = _rotate(q, rot, _q_offset(rot, q, k), 1.0), _rotate(k, rot, rot.offset, 1.0)
     dq, dk, dv, dbias = attention_bwd(

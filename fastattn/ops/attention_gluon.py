@@ -14,6 +14,7 @@ from .._backend import interpreting
 from .._kernel_log import record
 
 HEAD_DIMS = (64, 128, 256)
+BWD_HEAD_DIMS = (64, 128)  # at 256, dK and dV of 64 keys would take all of a warpgroup's registers
 BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
 EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
 
@@ -91,3 +92,51 @@ def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torc
         BLOCK_N=block_n, STAGES=stages, LOADER_REGS=24, CONSUMER_REGS=240, num_warps=4,
     )  # fmt: skip
     return out, lse
+
+
+def gluon_bwd_refusal(do, q, k, v) -> str | None:
+    """Why the Gluon backward cannot take this case (the Triton backward then runs), or None."""
+    if q.shape[-1] not in BWD_HEAD_DIMS:
+        return f"the Gluon backward takes head dims {BWD_HEAD_DIMS}, not {q.shape[-1]}"
+    strides = do.stride()[:-1]
+    if do.stride(-1) != 1 or do.data_ptr() % 16 or any(s == 0 or s * do.element_size() % 16 for s in strides):
+        return "the output gradient is not laid out for the copy engine (unit last stride, 16-byte aligned strides)"
+    return None
+
+
+def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torch.Tensor, ...]:
+    """``(dq, dk, dv)`` of the canonical inputs, from the forward's ``out`` and ``lse``."""
+    import triton
+
+    from .attention_bwd_kernel import _attention_bwd_preprocess_kernel
+    from .attention_gluon_bwd import LOG2E, attention_bwd_gluon_kernel
+
+    Z, H, L, E = q.shape
+    HK, S = k.shape[1], k.shape[2]
+    delta = torch.empty((Z, H, L), dtype=torch.float32, device=q.device)
+    record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=E, BLOCK_M=64, BLOCK_DV=E, SEQ=q, slse_z=H * L,
+        slse_h=L, VARLEN=False,
+    )  # fmt: skip
+    dq_acc = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    if os.environ.get("FASTATTN_POISON") == "1":
+        dk.fill_(float("nan"))
+        dv.fill_(float("nan"))
+    block_m, block_n = 32, 128  # queries per step: dK, dV of 64 keys x 128 dims leave room for 32
+    kernel = attention_bwd_gluon_kernel
+    if interpreting():
+        from ..testing import gluon_emulate
+
+        kernel = gluon_emulate(kernel)
+    record("attention_bwd", "attention_bwd_gluon_kernel", "gluon")
+    kernel[(triton.cdiv(S, block_n), Z * HK)](
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n // 2),
+        _descriptor(v, block_n // 2), lse, delta, dq_acc, dk, dv, *dq_acc.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], H, L, S, H // HK, scale * LOG2E.value, scale, mask.offset, mask.left or 0,
+        mask.right or 0, HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, STAGES=2, LOADER_REGS=24, CONSUMER_REGS=240, num_warps=4,
+    )  # fmt: skip
+    record("attention_bwd", "to", "torch")  # dQ's float32 sums in q's dtype
+    return dq_acc.to(q.dtype), dk, dv

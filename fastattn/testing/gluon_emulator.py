@@ -583,12 +583,21 @@ def reshape(x, *shape, can_reorder=False):
     return x.reshape(*shape)
 
 
+def _scalar(v) -> Tensor:
+    """A runtime scalar as the kernel sees it: an int32 (int64 if it does not fit) or float32 0-d tensor."""
+    if isinstance(v, bool):
+        return Tensor(torch.tensor(v))
+    if isinstance(v, int):
+        return Tensor(torch.tensor(v, dtype=torch.int32 if -(2**31) <= v < 2**31 else torch.int64))
+    return Tensor(torch.tensor(v, dtype=torch.float32))
+
+
 def program_id(axis):
-    return _part().program.pid[_unwrap(axis)]
+    return _scalar(_part().program.pid[_unwrap(axis)])
 
 
 def num_programs(axis):
-    return _part().program.grid[_unwrap(axis)]
+    return _scalar(_part().program.grid[_unwrap(axis)])
 
 
 def num_warps():
@@ -1471,7 +1480,9 @@ class _Launcher:
             kwargs["num_warps"] = num_warps
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        call = {k: _convert(v) for k, v in bound.arguments.items()}
+        constexprs = {p.name for p in self.kernel.params if p.is_constexpr}
+        call = {k: v if k in constexprs else _convert(v) for k, v in bound.arguments.items()}
+        call = {k: _scalar(v) if k not in constexprs and isinstance(v, (int, float)) else v for k, v in call.items()}
         if callable(grid):
             grid = grid(bound.arguments)
         grid = tuple(grid) + (1,) * (3 - len(grid))
