@@ -1,8 +1,10 @@
 """Ahead-of-time compile of the Triton attention kernels for a GPU architecture, with no GPU needed.
 
 ``python -m fastattn.codegen --arch sm_90`` compiles the forward, the backward preprocess, dK/dV and dQ kernels
-for each head dim, dtype and tile config, and prints per kernel whether the PTX uses Hopper's ``wgmma``, the
-registers and spilled words per thread, and the dynamic shared memory per program. ``--json`` prints the same
+for each head dim, dtype and tile config (and on sm_90 the Gluon attention kernels at their head dims, rows
+with ``GLUON_KEYS``: partitions' register budgets and whether wgmma groups stay in flight), and prints per
+kernel whether the PTX uses Hopper's ``wgmma``, the registers and spilled words per thread, and the dynamic
+shared memory per program. ``--json`` prints the same
 rows as a JSON list. The exit code is 1 if any compile failed (the rows that compiled are still printed).
 
 The kernels are specialised as the JIT specialises them for the common case: contiguous tensors (last-dim
@@ -57,6 +59,10 @@ from .ops.posenc_kernels import _rotary_kernel, _sinusoidal_kernel
 # atomics: atomic or reduction instructions (atom./red.) in the PTX; 0 means the kernel's result does not depend
 # on the order in which programs run (the deterministic-backward claim, checked without a GPU).
 KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills", "shared_bytes", "atomics")
+# Gluon rows add: the warps of all partitions (padded to warpgroups), the register budget each partition sets
+# (setmaxnreg, in the order they appear), and whether the main loop keeps a wgmma group in flight while it waits.
+GLUON_KEYS = KEYS + ("num_warps", "setmaxnreg", "wgmma_async")
+GLUON_HEAD_DIMS = {"attention_fwd_gluon": (64, 128, 256), "attention_bwd_gluon": (64, 128)}
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Most dynamic shared memory one program may opt into (227 KB on H100, 163 KB on A100); used for the notes only.
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
@@ -260,18 +266,62 @@ def compile_gluon(kernel, args: list, constexprs: dict, num_warps: int, arch: st
     budgets = [int(n) for n in re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)]
     return dict(
         kernel=compiled.metadata.name,
-        num_warps=compiled.metadata.num_warps,
-        setmaxnreg=list(dict.fromkeys(budgets)),
         wgmma="wgmma.mma_async" in ptx,
-        wgmma_async=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
         registers=registers,
         spills=spills,
         shared_bytes=compiled.metadata.shared,
         atomics=len(re.findall(r"(?<![\w.%])(?:atom|red)\.", ptx)),
+        num_warps=compiled.metadata.num_warps,
+        setmaxnreg=list(dict.fromkeys(budgets)),
+        wgmma_async=bool(re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)),
     )
 
 
-def _compile_one(job: tuple[str, bool, int, str, Config, int]) -> dict:
+def _gluon_launch(kernel: str, head_dim: int, dtype: str, causal: bool):
+    """(JIT function, example arguments, constexprs, label) of a Gluon kernel as its launcher calls it."""
+    import torch
+
+    from .ops import attention_gluon as launch
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    x = torch.empty(2, 4, 1024, head_dim, dtype=tdt)  # shapes do not matter: the kernels take them at run time
+    f32 = torch.empty(2, 4, 1024)
+    flags = dict(HAS_LEFT=False, HAS_RIGHT=causal, LOADER_REGS=launch.LOADER_REGS, CONSUMER_REGS=launch.CONSUMER_REGS)
+    if kernel == "attention_fwd_gluon":
+        from .ops.attention_gluon_fwd import attention_fwd_gluon_kernel as fn
+
+        block_n, stages = launch._tiles(head_dim)
+        descs = [launch._descriptor(x, launch.BLOCK_M)] + [launch._descriptor(x, block_n)] * 2
+        args = descs + [x, f32, 16, 16, 16, 2, 4, 1024, 1024, 1, 0.1, 0, 0, 0]
+        consts = dict(flags, HEAD_DV=head_dim, BLOCK_M=launch.BLOCK_M, BLOCK_N=block_n, STAGES=stages)
+        label = f"M2x{launch.BLOCK_M}-N{block_n}-s{stages}-ws"
+    else:
+        from .ops.attention_gluon_bwd import attention_bwd_gluon_kernel as fn
+
+        bm, bn = launch.BWD_BLOCKS
+        descs = [launch._descriptor(x, bm)] * 2 + [launch._descriptor(x, bn // 2)] * 2
+        args = descs + [f32, f32, f32, x, x] + [16] * 9 + [4, 1024, 1024, 1, 0.1, 0.1, 0, 0, 0]
+        consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, STAGES=launch.BWD_STAGES)
+        label = f"M{bm}-N2x{bn // 2}-s{launch.BWD_STAGES}-ws"
+    return fn, args, consts, label
+
+
+def _compile_gluon_job(job: tuple[str, bool, int, str, int]) -> dict:
+    kernel, causal, head_dim, dtype, capability = job
+    fn, args, consts, label = _gluon_launch(kernel, head_dim, dtype, causal)
+    row: dict = dict(kernel=kernel + ("[causal]" if causal else ""), head_dim=head_dim, dtype=dtype, config=label)
+    try:
+        row.update(compile_gluon(fn, args, consts, num_warps=4, arch=f"sm_{capability}"))
+        row["kernel"] = kernel + ("[causal]" if causal else "")
+    except Exception as e:  # one bad compile must not hide the other rows
+        row.update({k: None for k in GLUON_KEYS if k not in row})
+        row["error"] = _reason(e)
+    return {k: row[k] for k in GLUON_KEYS} | ({"error": row["error"]} if "error" in row else {})
+
+
+def _compile_one(job: tuple) -> dict:
+    if len(job) == 5:
+        return _compile_gluon_job(job)
     kernel, causal, head_dim, dtype, cfg, capability = job
     if kernel in NORM_KERNELS:
         label = f"B{cfg.block_m}x{cfg.block_n}-w{cfg.num_warps}"
@@ -345,6 +395,7 @@ def compile_rows(
     causal: bool = True,
     workers: int = 2,
     norm_hidden: tuple[int, ...] = (1024, 4096, 16384),
+    gluon: bool = True,
 ) -> list[dict]:
     """Compile every kernel (default config, or all candidates) and return one row per compile: the ``KEYS``,
     plus ``error`` (and None values) for a compile that failed."""
@@ -355,7 +406,12 @@ def compile_rows(
     if unknown:
         raise ValueError(f"dtypes are bf16, fp16 and fp32, not {', '.join(unknown)}")
     dtypes = tuple(DTYPES[d.strip().lower()] for d in dtypes)
-    jobs = _jobs(capability, tuple(head_dims), dtypes, all_configs, causal, tuple(norm_hidden))
+    jobs: list[tuple] = list(_jobs(capability, tuple(head_dims), dtypes, all_configs, causal, tuple(norm_hidden)))
+    if gluon and capability == 90:  # the Gluon kernels are written for sm_90 (wgmma, setmaxnreg), 16-bit inputs
+        for kernel, dims in GLUON_HEAD_DIMS.items():
+            for dtype in (d for d in dtypes if d != "fp32"):
+                variants = (False, True) if causal else (False,)
+                jobs += [(kernel, c, d, dtype, capability) for d in dims for c in variants]
     if workers <= 1 or len(jobs) == 1:
         return [_compile_one(job) for job in jobs]
     # Each compile is single-threaded (MLIR passes, then ptxas); spawn, as forking after torch's import is unsafe.
@@ -387,6 +443,8 @@ def problems(rows: list[dict], arch: str) -> list[str]:
             notes.append(f"{what}: no wgmma in the PTX")
         if "note" in r:
             notes.append(f"{what}: {r['note']}")
+        if "setmaxnreg" in r and len(r["setmaxnreg"]) < 2:
+            notes.append(f"{what}: fewer than two register budgets (no warp specialization?)")
     return notes
 
 
@@ -399,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-causal", action="store_true", help="skip the [causal] variants")
     parser.add_argument("--norm-hidden", default="1024,4096,16384", help="hidden sizes of the norm kernels ('' skips)")
     parser.add_argument("--workers", type=int, default=2, help="compile processes")
+    parser.add_argument("--no-gluon", action="store_true", help="skip the Gluon kernels (sm_90 rows)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -415,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_causal,
             args.workers,
             tuple(int(h) for h in args.norm_hidden.split(",") if h),
+            gluon=not args.no_gluon,
         )
     except ValueError as e:  # bad --arch / --head-dims / --dtypes
         parser.error(str(e))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fastattn.codegen import KEYS
+from fastattn.codegen import GLUON_KEYS, KEYS
 
 HOPPER_SHARED_LIMIT = 232448  # 227 KB of opt-in shared memory per block on sm_90
 
@@ -34,13 +34,34 @@ rows_notes: list[str] = []
 
 
 def test_rows_have_the_documented_keys(rows):
-    assert rows and all(tuple(row) == KEYS for row in rows), rows[:2]
+    assert rows and all(tuple(row) == (GLUON_KEYS if "gluon" in row["kernel"] else KEYS) for row in rows), rows[:2]
     kinds = {r["kernel"].split("[")[0] for r in rows}
     assert kinds == {
         "attention_fwd", "attention_fwd_rotary", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
         "layer_norm_fwd", "layer_norm_bwd", "sinusoidal", "rotary", "attention_fwd_varlen",
-        "attention_bwd_dkdv_varlen", "attention_bwd_dq_varlen",
+        "attention_bwd_dkdv_varlen", "attention_bwd_dq_varlen", "attention_fwd_gluon", "attention_bwd_gluon",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kernel,head_dims", [("attention_fwd_gluon", {64, 128, 256}), ("attention_bwd_gluon", {64, 128})]
+)
+def test_gluon_kernels_are_warp_specialized_without_spills(rows, kernel, head_dims):
+    """The Gluon kernels as compiled for sm_90: a loader partition and consumer warpgroups each under its own
+    register budget (setmaxnreg), wgmma with a group kept in flight while waiting, no spills, shared memory in
+    the budget. (The backward at head dim 256 is not written: it steps down to Triton.)"""
+    from fastattn.ops.attention_gluon import CONSUMER_REGS, LOADER_REGS
+
+    mine = [r for r in rows if r["kernel"].split("[")[0] == kernel and r["dtype"] == "bf16"]
+    assert {r["head_dim"] for r in mine} == head_dims
+    assert any(r["kernel"].endswith("[causal]") for r in mine)
+    for r in mine:
+        assert "error" not in r, r
+        assert {LOADER_REGS, CONSUMER_REGS} <= set(r["setmaxnreg"]), r  # two partitions, each with a budget
+        assert r["num_warps"] == 12, r  # loader warp (padded to a warpgroup) + two consumer warpgroups
+        assert r["wgmma"] is True and r["wgmma_async"] is True, r
+        assert r["spills"] == 0, r
+        assert 0 < r["shared_bytes"] <= HOPPER_SHARED_LIMIT, r
 
 
 def test_memory_bound_kernels_vectorized_without_spills(rows):
@@ -81,5 +102,7 @@ def test_no_kernel_uses_atomics(rows):
     rows summed afterwards): the results cannot depend on the order programs run in, so they are the same bits
     on every run. This is the CPU's proof of the deterministic backward (the interpreter runs programs one after
     another, so repeating a run there shows nothing; test_norms repeats it on a GPU)."""
-    using = [(r["kernel"], r["config"], r["atomics"]) for r in rows if r["atomics"] != 0]
+    using = [(r["kernel"], r["config"], r["atomics"]) for r in rows if r["atomics"] != 0 and "gluon" not in r["kernel"]]
     assert not using, using
+    # The Gluon backward adds dQ with atomics (as FA3 does): its dQ is not bit-reproducible, and says so.
+    assert all(r["atomics"] > 0 for r in rows if r["kernel"].startswith("attention_bwd_gluon"))

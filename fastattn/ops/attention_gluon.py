@@ -16,6 +16,9 @@ from .._kernel_log import record
 HEAD_DIMS = (64, 128, 256)
 BWD_HEAD_DIMS = (64, 128)  # at 256, dK and dV of 64 keys would take all of a warpgroup's registers
 BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
+LOADER_REGS, CONSUMER_REGS = 24, 240  # setmaxnreg budgets: the loader warp's, the second consumer's (FA3's)
+BWD_BLOCKS = (32, 128)  # backward: queries per step (dK, dV of 64 keys x 128 dims leave room for 32), keys
+BWD_STAGES = 2
 EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
 
 
@@ -89,7 +92,7 @@ def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torc
         out.stride(0), out.stride(1), out.stride(2), Z, H, L, S, H // k.shape[1],
         scale * LOG2E.value, mask.offset, mask.left or 0, mask.right or 0,
         HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HEAD_DV=E, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n, STAGES=stages, LOADER_REGS=24, CONSUMER_REGS=240, num_warps=4,
+        BLOCK_N=block_n, STAGES=stages, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     return out, lse
 
@@ -124,7 +127,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
     if os.environ.get("FASTATTN_POISON") == "1":
         dk.fill_(float("nan"))
         dv.fill_(float("nan"))
-    block_m, block_n = 32, 128  # queries per step: dK, dV of 64 keys x 128 dims leave room for 32
+    block_m, block_n = BWD_BLOCKS
     kernel = attention_bwd_gluon_kernel
     if interpreting():
         from ..testing import gluon_emulate
@@ -136,7 +139,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
         _descriptor(v, block_n // 2), lse, delta, dq_acc, dk, dv, *dq_acc.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], H, L, S, H // HK, scale * LOG2E.value, scale, mask.offset, mask.left or 0,
         mask.right or 0, HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=2, LOADER_REGS=24, CONSUMER_REGS=240, num_warps=4,
+        BLOCK_N=block_n, STAGES=BWD_STAGES, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     record("attention_bwd", "to", "torch")  # dQ's float32 sums in q's dtype
     return dq_acc.to(q.dtype), dk, dv
