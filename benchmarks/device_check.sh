@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one go of under 8 minutes on one H200:
-# install (building fastattn._C for sm_90a), the whole test suite on CUDA (both kernel backends), the
-# benchmarks of every op for the Triton and CUDA C++ backends against torch, the end-to-end model speed
+# install (building fastattn._C for sm_90a), the whole test suite on CUDA (the Triton, Gluon and CUDA C++
+# kernels), the benchmarks of every op for our backends against torch and the peers, the end-to-end model speed
 # (fastattn-bench e2e --quick), and one Markdown results table.
 #   usage: benchmarks/device_check.sh OUT_DIR
 # Each step has its own time limit so that a hang in one still leaves the others' results.
@@ -36,9 +36,12 @@ echo "tests exit code $?" >> "$out/tests.log"
 tail -n 3 "$out/tests.log"
 
 stamp "benchmarks"
-# Two lengths keep the run inside 8 minutes: autotuning compiles every candidate of each new shape class.
-timeout ${BENCH_TIMEOUT:-150} $py benchmarks/bench_attention.py ${BENCH_ARGS:---seqlens 4096,16384} --out "$out" \
-  > "$out/bench.log" 2>&1
+# 16k tokens at width 2048, head dims 64/128/256: our Triton (every autotune candidate, the warp-specialized
+# ones included) and Gluon kernels beside cuDNN, FA2 (sdpa-flash) and torch's default choice, in one run. One
+# length keeps it inside 8 minutes: autotuning compiles every candidate of each new shape class.
+impls=fastattn,fastattn-gluon,sdpa-cudnn,sdpa-flash,sdpa-default
+timeout ${BENCH_TIMEOUT:-170} $py benchmarks/bench_attention.py \
+  ${BENCH_ARGS:---head-dims 128,64,256 --seqlens 16384 --impls $impls} --out "$out" > "$out/bench.log" 2>&1
 echo "bench exit code $?" >> "$out/bench.log"
 
 stamp "norm benchmarks"

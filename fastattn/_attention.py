@@ -14,7 +14,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _torch
-from ._backend import use_triton
+from ._backend import current_backend, use_triton
 from ._kernel_log import record
 from .ops.attention_function import attention_forward, triton_refusal
 from .ops.attention_launch import MaskSpec, RotarySpec
@@ -204,6 +204,11 @@ def scaled_dot_product_attention(
             raise RuntimeError(
                 f"{_SDPA}: number of heads in key and value ({hk}) must divide the number of heads in query ({hq})"
             )
+    if exotic is None and mask is None and not causal_bias and _measured_faster_in_torch(query, key, value, is_causal):
+        record("attention_fwd", "scaled_dot_product_attention", "torch")
+        return _torch.scaled_dot_product_attention(
+            query, key, value, None, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
     if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
         if causal_bias:  # torch's own handling of its bias (its fused bottom-right kernels where they apply)
             return bias._dispatch(query, key, value, bias, dropout_p, False, scale, enable_gqa)
@@ -212,6 +217,18 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     return _sdpa_kernels(query, key, value, mask, spec, p, scale_f)
+
+
+def _measured_faster_in_torch(query, key, value, is_causal: bool) -> bool:
+    """Under ``auto`` on a GPU: whether the committed measurements (``ops.attention_choice``) found torch's own
+    SDPA fastest for this class of case (no mask: the class the benchmarks measure)."""
+    if current_backend() != "auto" or not query.is_cuda or query.shape[-1] != value.shape[-1]:
+        return False
+    from .ops.attention_choice import measured_choice
+
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    cap = torch.cuda.get_device_capability(query.device)
+    return measured_choice(cap, query.dtype, query.shape[-1], is_causal, training) == "sdpa"
 
 
 def _sdpa_kernels(query, key, value, mask, spec: MaskSpec | None, p: float, scale: float) -> torch.Tensor:

@@ -50,10 +50,12 @@ def _sdpa_backend(name: str) -> Callable:
 def implementations() -> dict[str, Callable]:
     impls = {
         name: on_backend(lambda q, k, v, c: fastattn.attention(q, k, v, causal=c), backend)
-        for name, backend in kernel_backends().items()
+        for name, backend in kernel_backends(gluon=True).items()
     }
     for name in ("flash", "efficient", "cudnn"):
         impls[f"sdpa-{name}"] = _sdpa_backend(name)
+    # What a user gets without fastattn: torch's own choice among its backends (cuDNN on Hopper in torch 2.11).
+    impls["sdpa-default"] = lambda q, k, v, c: _torch.scaled_dot_product_attention(q, k, v, is_causal=c)
     with contextlib.suppress(ImportError):
         from flash_attn import flash_attn_func
 

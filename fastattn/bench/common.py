@@ -20,14 +20,17 @@ def on_backend(fn: Callable, name: str) -> Callable:
     return run
 
 
-def kernel_backends() -> dict[str, str]:
+def kernel_backends(gluon: bool = False) -> dict[str, str]:
     """Implementation name -> fastattn backend: the Triton kernels on a GPU ("auto", the CPU path, elsewhere),
-    and the CUDA C++ kernels where ``fastattn._C`` runs on this GPU."""
+    with ``gluon`` the Gluon kernels on sm_90 (``fastattn-gluon``: attention only has them), and the CUDA
+    C++ kernels where ``fastattn._C`` runs on this GPU."""
     if not torch.cuda.is_available():
         return {"fastattn": "auto"}
     from fastattn.ops.cuda_ext import unavailable
 
     out = {"fastattn": "triton"}
+    if gluon and torch.cuda.get_device_capability()[0] == 9:
+        out["fastattn-gluon"] = "gluon"
     if unavailable(torch.device("cuda")) is None:
         out["fastattn-cuda"] = "cuda"
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import use_cuda, use_gluon, use_triton, warn_once
+from .._backend import current_backend, use_cuda, use_gluon, use_triton, warn_once
 from .._kernel_log import record
 from .attention_cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
 from .attention_gluon import attention_bwd_gluon, attention_fwd_gluon, gluon_bwd_refusal, gluon_refusal
@@ -146,7 +146,9 @@ def attention_forward(
     backend = None
     if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary)):
         backend = "cuda"
-    elif use_gluon(op, lambda: gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary)):
+    elif use_gluon(op, lambda: gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary)) or (
+        _measured_gluon(q, k, v, mask) and gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary) is None
+    ):
         backend = "gluon"
     elif use_triton(op, q.device, triton_refusal(q, v)):
         backend = "triton"
@@ -163,6 +165,21 @@ def attention_forward(
         )
     record(op if op.startswith("attention") else "attention_fwd", "attention_reference", "torch")
     return attention_reference(q, k, v, bias, scale, mask, dropout_p, alibi=alibi)
+
+
+def _measured_gluon(q, k, v, mask: MaskSpec) -> bool:
+    """Under ``auto`` on a GPU: whether the committed measurements found the Gluon kernels fastest for this
+    class (full or bottom-right causal attention: the classes the benchmarks measure)."""
+    if current_backend() != "auto" or not q.is_cuda or mask.left is not None or mask.right not in (None, 0):
+        return False
+    from .attention_choice import measured_choice
+
+    causal = mask.right == 0
+    if causal and mask.offset != k.shape[2] - q.shape[2]:
+        return False
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    cap = torch.cuda.get_device_capability(q.device)
+    return measured_choice(cap, q.dtype, q.shape[-1], causal, training) == "gluon"
 
 
 def _q_offset(rot: RotarySpec, q: torch.Tensor, k: torch.Tensor) -> int:
