@@ -21,6 +21,12 @@ def info() -> dict:
     if why_not is None and not torch.cuda.is_available() and not interpreting():
         why_not = "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly)"
     out["triton_backend"] = {"usable": why_not is None, "why": why_not or ""}
+    gluon_why = why_not
+    if gluon_why is None and not interpreting():
+        cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if cap is None or cap[0] != 9:
+            gluon_why = "the Gluon kernels are written for sm_90 (Hopper); TRITON_INTERPRET=1 runs them emulated"
+    out["gluon_backend"] = {"usable": gluon_why is None, "why": gluon_why or ""}
     try:
         ext = importlib.import_module("fastattn._C")
     except ImportError as exc:
@@ -44,7 +50,7 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(f"torch {report['torch']}, CUDA device: {report['cuda_device'] or 'none'}")
-    for name in ("torch_backend", "triton_backend", "cuda_backend"):
+    for name in ("torch_backend", "triton_backend", "gluon_backend", "cuda_backend"):
         entry = report[name]
         state = "usable" if entry["usable"] else f"not usable: {entry['why']}"
         print(f"  {name.replace('_backend', ''):7s} {state}")

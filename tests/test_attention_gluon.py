@@ -139,3 +139,8 @@ def test_a_skipped_wait_is_caught(monkeypatch, kernel, barrier):
             out = fastattn.attention(q, k, v)
             out.backward(torch.randn_like(out))  # (out.sum()'s stride-0 gradient would go to Triton)
     assert skipped, "no wait on that barrier was dropped"
+
+
+def test_info_reports_the_gluon_backend():
+    report = fastattn.info()["gluon_backend"]
+    assert report["usable"] is True, report  # here: the emulator on the CPU, or an sm_90 GPU (module skip)
