@@ -184,6 +184,7 @@ def attention_bwd_gluon_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, delta_p
     for i in gl.static_range(STAGES):
         mbarrier.init(qdo_ready.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=2)  # both consumers release a stage
+    # (Argument tuples are spelled out for each partition: see the forward.)
     gl.warp_specialize(
         [
             (

@@ -211,7 +211,8 @@ def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a stage
-    # (Argument tuples are spelled out: a tuple built by + inside a kernel loses its constexprs.)
+    # (Argument tuples are spelled out for each partition: a tuple built by + or bound to a name inside a kernel
+    # loses its constexprs in Triton 3.6, so the two consumers cannot share one.)
     gl.warp_specialize(
         [
             (
