@@ -24,6 +24,12 @@ partitions of ``gl.warp_specialize`` run as threads, one at a time, switching at
 
 Values are computed as the device computes them: matrix products of 16-bit operands accumulate in float32 and
 results are rounded to the stored dtype on conversion and store.
+
+Not modelled: races in global memory (between partitions or programs: programs run one after another, so
+atomics add in a fixed order), anything below a partition (its warps act as one: thread-level divergence and
+intra-warpgroup races), clusters, multicast and named barriers, and time; exp2, log2 and division are exact in
+float32 where the device uses approximations of about 2 ulp, and the order of a product's float32 sums is that
+of PyTorch's CPU matmul.
 """
 
 from __future__ import annotations
