@@ -62,7 +62,7 @@ KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills",
 # Gluon rows add: the warps of all partitions (padded to warpgroups), the register budget each partition sets
 # (setmaxnreg, in the order they appear), and whether the main loop keeps a wgmma group in flight while it waits.
 GLUON_KEYS = KEYS + ("num_warps", "setmaxnreg", "wgmma_async")
-GLUON_HEAD_DIMS = {"attention_fwd_gluon": (64, 128, 256), "attention_bwd_gluon": (64, 128)}
+GLUON_HEAD_DIMS = {"attention_fwd_gluon": (64, 128, 256), "attention_bwd_gluon": (64, 128, 256)}
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Most dynamic shared memory one program may opt into (227 KB on H100, 163 KB on A100); used for the notes only.
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
@@ -298,11 +298,12 @@ def _gluon_launch(kernel: str, head_dim: int, dtype: str, causal: bool):
     else:
         from .ops.attention_gluon_bwd import attention_bwd_gluon_kernel as fn
 
-        bm, bn = launch.BWD_BLOCKS
-        descs = [launch._descriptor(x, bm)] * 2 + [launch._descriptor(x, bn // 2)] * 2
+        bm, bn, split_d = launch.bwd_blocks(head_dim)
+        descs = [launch._descriptor(x, bm)] * 2 + [launch._descriptor(x, bn if split_d else bn // 2)] * 2
         args = descs + [f32, f32, f32, x, x] + [16] * 9 + [4, 1024, 1024, 1, 0.1, 0.1, 0, 0, 0]
-        consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, STAGES=launch.BWD_STAGES)
-        label = f"M{bm}-N2x{bn // 2}-s{launch.BWD_STAGES}-ws"
+        consts = dict(flags, BLOCK_M=bm, BLOCK_N=bn, STAGES=launch.BWD_STAGES, SPLIT_D=split_d)
+        keys = f"N{bn}-splitd" if split_d else f"N2x{bn // 2}"
+        label = f"M{bm}-{keys}-s{launch.BWD_STAGES}-ws"
     return fn, args, consts, label
 
 

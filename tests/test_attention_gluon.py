@@ -76,6 +76,30 @@ def test_gluon_forward_and_backward(shape, kw, dtype):
         assert_close(g, w, dtype, t, f"d{name}")
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="not taken by the dispatch yet: checked in the emulator only")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_dim_256_backward_in_the_emulator(causal):
+    """The SPLIT_D backward (d=256: the consumers split dK/dV columns and exchange partial S^T / dP^T through
+    shared memory), launched directly: the dispatch does not take it yet (it spills 2 words on sm_90)."""
+    from fastattn.ops.attention_gluon import attention_bwd_gluon, attention_fwd_gluon
+    from fastattn.ops.attention_launch import MaskSpec
+
+    L, S = 40, 70
+    q, k, v = randn(1, 2, L, 256, dtype=torch.bfloat16), *(randn(1, 1, S, 256, dtype=torch.bfloat16) for _ in "kv")
+    mask = MaskSpec(S - L, None, 0 if causal else None)
+    out, lse = attention_fwd_gluon(q, k, v, 256**-0.5, mask)
+    dout = grad_out(out.shape, torch.bfloat16)
+    got = attention_bwd_gluon(dout.to(torch.bfloat16), q, k, v, out, lse, 256**-0.5, mask)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference(*ref_in, offset=S - L, right=mask.right)
+    want = torch.autograd.grad(ref, ref_in, dout)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    keep = torch.ones(L, S, dtype=torch.bool) if not causal else torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    mine = torch.autograd.grad(torch_sdpa(*leaves, keep, enable_gqa=True), leaves, dout.to(torch.bfloat16))
+    for name, g, w, t in zip("qkv", got, want, mine):
+        assert_close(g, w, torch.bfloat16, t, f"d{name}")
+
+
 def test_sdpa_drop_in_takes_the_gluon_kernel():
     q, k, v = (randn(2, 2, 65, 128, dtype=torch.bfloat16) for _ in range(3))
     with fastattn.backend("gluon"), fastattn.kernel_log() as log:
@@ -144,3 +168,28 @@ def test_a_skipped_wait_is_caught(monkeypatch, kernel, barrier):
 def test_info_reports_the_gluon_backend():
     report = fastattn.info()["gluon_backend"]
     assert report["usable"] is True, report  # here: the emulator on the CPU, or an sm_90 GPU (module skip)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the emulator's check: on a GPU a skipped wait is a silent race")
+def test_a_skipped_exchange_wait_is_caught(monkeypatch):
+    """The d=256 backward's consumers hand partial sums over on the xchg barriers: drop the first of those
+    waits and the emulator reports the read of the other consumer's partial as unordered."""
+    from fastattn.ops.attention_gluon import attention_bwd_gluon, attention_fwd_gluon
+    from fastattn.ops.attention_launch import MaskSpec
+    from fastattn.testing import DeadlockError, RaceError, gluon_emulator
+
+    real, skipped = gluon_emulator._MBARRIER.wait, []
+    where = f"attention_gluon_bwd.py:{_barrier_line('xchg', 'attention_gluon_bwd')}["
+
+    def wait(bar, phase, pred=True, deps=()):
+        if not skipped and where in gluon_emulator._barrier(bar).name:
+            skipped.append(1)
+            return None
+        return real(bar, phase, pred, deps)
+
+    q, k, v = (randn(1, 1, 32, 256, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = attention_fwd_gluon(q, k, v, 0.0625, MaskSpec())
+    monkeypatch.setattr(gluon_emulator._MBARRIER, "wait", wait)
+    with pytest.raises((RaceError, DeadlockError), match="xs|shared buffer"):
+        attention_bwd_gluon(torch.randn_like(q), q, k, v, out, lse, 0.0625, MaskSpec())
+    assert skipped

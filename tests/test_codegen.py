@@ -45,7 +45,7 @@ def test_rows_have_the_documented_keys(rows):
 
 @pytest.mark.parametrize(
     "kernel,head_dims", [("attention_fwd_gluon", {64, 128, 256}), ("attention_bwd_gluon", {64, 128})]
-)
+)  # the backward at head dim 256 is checked by the next test
 def test_gluon_kernels_are_warp_specialized_without_spills(rows, kernel, head_dims):
     """The Gluon kernels as compiled for sm_90: a loader partition and consumer warpgroups each under its own
     register budget (setmaxnreg), wgmma with a group kept in flight while waiting, no spills, shared memory in
@@ -53,6 +53,7 @@ def test_gluon_kernels_are_warp_specialized_without_spills(rows, kernel, head_di
     from fastattn.ops.attention_gluon import CONSUMER_REGS, LOADER_REGS
 
     mine = [r for r in rows if r["kernel"].split("[")[0] == kernel and r["dtype"] == "bf16"]
+    mine = [r for r in mine if r["head_dim"] in head_dims]
     assert {r["head_dim"] for r in mine} == head_dims
     assert any(r["kernel"].endswith("[causal]") for r in mine)
     for r in mine:
@@ -87,6 +88,17 @@ def test_matmul_kernels_use_wgmma_without_spills(rows, kernel):
         assert r["spills"] == 0, r
         assert 0 < r["registers"] <= 255, r
         assert 0 < r["shared_bytes"] <= HOPPER_SHARED_LIMIT, r
+
+
+def test_head_dim_256_backward_is_refused_exactly_while_it_spills(rows):
+    """The d=256 Gluon backward (SPLIT_D) compiles warp-specialized with async wgmma, but while any of its rows
+    spills the dispatch refuses it (and says so); once it compiles clean this fails: take it then."""
+    from fastattn.ops import attention_gluon
+
+    mine = [r for r in rows if r["kernel"].startswith("attention_bwd_gluon") and r["head_dim"] == 256]
+    assert mine and all("error" not in r and r["wgmma_async"] and r["num_warps"] == 12 for r in mine), mine
+    assert all(0 < r["shared_bytes"] <= HOPPER_SHARED_LIMIT for r in mine), mine
+    assert attention_gluon.SPLIT_D_SPILLS == any(r["spills"] for r in mine), [(r["kernel"], r["spills"]) for r in mine]
 
 
 def test_compile_rows_refuses_under_the_interpreter(monkeypatch):

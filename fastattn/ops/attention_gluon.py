@@ -14,10 +14,22 @@ from .._backend import interpreting
 from .._kernel_log import record
 
 HEAD_DIMS = (64, 128, 256)
-BWD_HEAD_DIMS = (64, 128)  # at 256, dK and dV of 64 keys would take all of a warpgroup's registers
+BWD_HEAD_DIMS = (64, 128)
+# The head-dim-256 backward (SPLIT_D: the consumers split dK/dV columns and exchange partial S^T / dP^T) is
+# written and checked in the emulator, but compiles for sm_90 with 2 spilled words when causal (an index value
+# kept across the partitions' register reallocation), so it is not taken until it compiles clean.
+SPLIT_D_SPILLS = True
 BLOCK_M = 64  # query rows per consumer warpgroup (two per program)
 LOADER_REGS, CONSUMER_REGS = 24, 240  # setmaxnreg budgets: the loader warp's, the second consumer's (FA3's)
 BWD_BLOCKS = (32, 128)  # backward: queries per step (dK, dV of 64 keys x 128 dims leave room for 32), keys
+
+
+def bwd_blocks(e: int) -> tuple[int, int, bool]:
+    """(queries per step, keys per program, SPLIT_D): at head dim 256 the two consumers split the columns of
+    dK and dV of 64 keys (each consumer's dK, dV stay 64 x 128) over steps of 16 queries."""
+    return (16, 64, True) if e == 256 else (*BWD_BLOCKS, False)
+
+
 BWD_STAGES = 2
 EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
 
@@ -99,8 +111,10 @@ def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torc
 
 def gluon_bwd_refusal(do, q, k, v) -> str | None:
     """Why the Gluon backward cannot take this case (the Triton backward then runs), or None."""
-    if q.shape[-1] not in BWD_HEAD_DIMS:
-        return f"the Gluon backward takes head dims {BWD_HEAD_DIMS}, not {q.shape[-1]}"
+    if q.shape[-1] == 256 and SPLIT_D_SPILLS:
+        return "the Gluon backward at head dim 256 still spills registers on sm_90 (2 words when causal)"
+    if q.shape[-1] not in BWD_HEAD_DIMS + (256,):
+        return f"the Gluon backward takes head dims {BWD_HEAD_DIMS + (256,)}, not {q.shape[-1]}"
     strides = do.stride()[:-1]
     if do.stride(-1) != 1 or do.data_ptr() % 16 or any(s == 0 or s * do.element_size() % 16 for s in strides):
         return "the output gradient is not laid out for the copy engine (unit last stride, 16-byte aligned strides)"
@@ -127,7 +141,8 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
     if os.environ.get("FASTATTN_POISON") == "1":
         dk.fill_(float("nan"))
         dv.fill_(float("nan"))
-    block_m, block_n = BWD_BLOCKS
+    block_m, block_n, split_d = bwd_blocks(E)
+    key_rows = block_n if split_d else block_n // 2
     kernel = attention_bwd_gluon_kernel
     if interpreting():
         from ..testing import gluon_emulate
@@ -135,11 +150,11 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
         kernel = gluon_emulate(kernel)
     record("attention_bwd", "attention_bwd_gluon_kernel", "gluon")
     kernel[(triton.cdiv(S, block_n), Z * HK)](
-        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, block_n // 2),
-        _descriptor(v, block_n // 2), lse, delta, dq_acc, dk, dv, *dq_acc.stride()[:3], *dk.stride()[:3],
-        *dv.stride()[:3], H, L, S, H // HK, scale * LOG2E.value, scale, mask.offset, mask.left or 0,
-        mask.right or 0, HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, STAGES=BWD_STAGES, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, key_rows), _descriptor(v, key_rows),
+        lse, delta, dq_acc, dk, dv, *dq_acc.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H, L, S, H // HK,
+        scale * LOG2E.value, scale, mask.offset, mask.left or 0, mask.right or 0, HAS_LEFT=mask.left is not None,
+        HAS_RIGHT=mask.right is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=BWD_STAGES, SPLIT_D=split_d,
+        LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     record("attention_bwd", "to", "torch")  # dQ's float32 sums in q's dtype
     return dq_acc.to(q.dtype), dk, dv
