@@ -193,3 +193,34 @@ def test_a_skipped_exchange_wait_is_caught(monkeypatch):
     with pytest.raises((RaceError, DeadlockError), match="xs|shared buffer"):
         attention_bwd_gluon(torch.randn_like(q), q, k, v, out, lse, 0.0625, MaskSpec())
     assert skipped
+
+
+def test_gluon_path_compiles_whole():
+    """Under torch.compile(fullgraph=True) the Gluon choice is made from shapes and dtypes while tracing (the
+    data layout is read when the op runs), with no graph break; the compiled call runs the Gluon kernel."""
+    q, k, v = (randn(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3))
+
+    def fn(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    with fastattn.backend("gluon"):
+        explanation = torch._dynamo.explain(fn)(q, k, v)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        with fastattn.kernel_log() as log:
+            out = compiled(q, k, v)
+        want = fn(q, k, v)
+    assert ("attention_fwd", "attention_fwd_gluon_kernel", "gluon") in log
+    assert torch.equal(out, want)
+
+
+def test_a_layout_the_copy_engine_cannot_take_steps_down_when_the_op_runs():
+    q = randn(1, 4, 40, 64, dtype=torch.bfloat16)
+    kv = randn(1, 1, 40, 64, dtype=torch.bfloat16).expand(1, 4, 40, 64)  # stride 0 along the heads
+    fastattn._backend._warned.clear()
+    with fastattn.backend("gluon"), fastattn.kernel_log() as log, pytest.warns(RuntimeWarning, match="copy engine"):
+        out = fastattn.scaled_dot_product_attention(q, kv, kv)
+    assert [e.backend for e in log] == ["triton"]
+    ref = _torch.scaled_dot_product_attention(q.double(), kv.double(), kv.double())
+    assert_close(out, ref, torch.bfloat16, _torch.scaled_dot_product_attention(q, kv, kv), "out")

@@ -14,7 +14,13 @@ import torch
 from .._backend import current_backend, use_cuda, use_gluon, use_triton, warn_once
 from .._kernel_log import record
 from .attention_cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
-from .attention_gluon import attention_bwd_gluon, attention_fwd_gluon, gluon_bwd_refusal, gluon_refusal
+from .attention_gluon import (
+    attention_bwd_gluon,
+    attention_fwd_gluon,
+    gluon_bwd_refusal,
+    gluon_refusal,
+    layout_refusal,
+)
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
 
@@ -59,7 +65,10 @@ def attention_fwd_op(
     if backend == "cuda":
         return attention_fwd_cuda(q, k, v, key_padding_mask(bias), scale, mask, dropout_p, s)
     if backend == "gluon":
-        return attention_fwd_gluon(q, k, v, scale, mask)
+        why = layout_refusal(query=q, key=k, value=v)
+        if why is None:
+            return attention_fwd_gluon(q, k, v, scale, mask)
+        warn_once("attention", f"the Gluon kernels cannot run: {why}", instead="the Triton kernels")
     return attention_fwd(q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot)
 
 

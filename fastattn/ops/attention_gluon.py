@@ -35,7 +35,9 @@ EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each wal
 
 
 def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary) -> str | None:
-    """Why the Gluon forward cannot take this case (the Triton kernels then run), or None."""
+    """Why the Gluon forward cannot take this case (the Triton kernels then run), or None. Decided from shapes,
+    dtypes and features, so it also holds while torch.compile traces; the data layout is checked when the op
+    runs (``layout_refusal``)."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the Gluon kernels take float16 and bfloat16, not {q.dtype}"
     if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
@@ -51,7 +53,13 @@ def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary) -> str | None:
     if not interpreting():
         if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
             return "the Gluon kernels are written for sm_90 (Hopper) GPUs"
-    for name, t in (("query", q), ("key", k), ("value", v)):
+    return None
+
+
+def layout_refusal(**tensors) -> str | None:
+    """Why the copy engine cannot take these tensors (the Triton kernels then run), or None: unit last stride,
+    16-byte aligned base and strides, no broadcast (stride-0) dims. Read when the op runs (data pointers)."""
+    for name, t in tensors.items():
         strides = t.stride()[:-1]
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s == 0 or s * t.element_size() % 16 for s in strides):
             return f"the {name} is not laid out for the copy engine (unit last stride, 16-byte aligned strides)"
@@ -115,10 +123,7 @@ def gluon_bwd_refusal(do, q, k, v) -> str | None:
         return "the Gluon backward at head dim 256 still spills registers on sm_90 (2 words when causal)"
     if q.shape[-1] not in BWD_HEAD_DIMS + (256,):
         return f"the Gluon backward takes head dims {BWD_HEAD_DIMS + (256,)}, not {q.shape[-1]}"
-    strides = do.stride()[:-1]
-    if do.stride(-1) != 1 or do.data_ptr() % 16 or any(s == 0 or s * do.element_size() % 16 for s in strides):
-        return "the output gradient is not laid out for the copy engine (unit last stride, 16-byte aligned strides)"
-    return None
+    return layout_refusal(query=q, key=k, value=v, output_gradient=do)
 
 
 def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torch.Tensor, ...]:
