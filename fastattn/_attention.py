@@ -222,13 +222,11 @@ def scaled_dot_product_attention(
 def _measured_faster_in_torch(query, key, value, is_causal: bool) -> bool:
     """Under ``auto`` on a GPU: whether the committed measurements (``ops.attention_choice``) found torch's own
     SDPA fastest for this class of case (no mask: the class the benchmarks measure)."""
-    if current_backend() != "auto" or not query.is_cuda or query.shape[-1] != value.shape[-1]:
+    if current_backend() != "auto" or query.shape[-1] != value.shape[-1]:
         return False
-    from .ops.attention_choice import measured_choice
+    from .ops.attention_choice import measured_for
 
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    cap = torch.cuda.get_device_capability(query.device)
-    return measured_choice(cap, query.dtype, query.shape[-1], is_causal, training) == "sdpa"
+    return measured_for(query, key, value, is_causal) == "sdpa"
 
 
 def _sdpa_kernels(query, key, value, mask, spec: MaskSpec | None, p: float, scale: float) -> torch.Tensor:

@@ -56,3 +56,16 @@ def test_the_drop_in_runs_torch_where_torch_measured_fastest():
     with fastattn.kernel_log() as log:
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert log == [("attention_fwd", "scaled_dot_product_attention", "torch")]
+
+
+def test_auto_takes_the_gluon_kernels_for_a_class_they_won(monkeypatch):
+    """Where the table names gluon, auto runs the Gluon kernels (here: the emulator, with the table's answer
+    stubbed for CPU tensors); where it names nothing, the default path runs."""
+    from fastattn.ops import attention_choice
+
+    q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3))
+    monkeypatch.setattr(attention_choice, "measured_for", lambda q, k, v, causal: "gluon" if causal else None)
+    with fastattn.backend("auto"), fastattn.kernel_log() as log:
+        fastattn.attention(q, k, v, causal=True)
+        fastattn.attention(q, k, v)
+    assert [e.backend for e in log] == ["gluon", "torch"], log

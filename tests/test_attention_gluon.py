@@ -212,7 +212,9 @@ def test_gluon_path_compiles_whole():
             out = compiled(q, k, v)
         want = fn(q, k, v)
     assert ("attention_fwd", "attention_fwd_gluon_kernel", "gluon") in log
-    assert torch.equal(out, want)
+    assert torch.equal(out, want)  # the same kernel on the same inputs, compiled or not
+    ref = _torch.scaled_dot_product_attention(*(x.double().cpu() for x in (q, k, v)), is_causal=True)
+    assert_close(out, ref, torch.bfloat16, _torch.scaled_dot_product_attention(q, k, v, is_causal=True), "out")
 
 
 def test_a_layout_the_copy_engine_cannot_take_steps_down_when_the_op_runs():

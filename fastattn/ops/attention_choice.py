@@ -32,3 +32,12 @@ def measured_choice(capability: tuple[int, int], dtype: torch.dtype, head_dim: i
     name = str(dtype).split(".")[-1]
     key = f"sm{capability[0]}{capability[1]}/{name}/d{head_dim}/{'causal' if causal else 'full'}/"
     return _classes().get(key + ("fwd+bwd" if training else "fwd"))
+
+
+def measured_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """``measured_choice`` for these tensors: their GPU, dtype and head dim, forward+backward when autograd
+    will need gradients; None off CUDA."""
+    if not q.is_cuda:
+        return None
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return measured_choice(torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1], causal, training)

@@ -179,16 +179,14 @@ def attention_forward(
 def _measured_gluon(q, k, v, mask: MaskSpec) -> bool:
     """Under ``auto`` on a GPU: whether the committed measurements found the Gluon kernels fastest for this
     class (full or bottom-right causal attention: the classes the benchmarks measure)."""
-    if current_backend() != "auto" or not q.is_cuda or mask.left is not None or mask.right not in (None, 0):
+    if current_backend() != "auto" or mask.left is not None or mask.right not in (None, 0):
         return False
-    from .attention_choice import measured_choice
+    from .attention_choice import measured_for
 
     causal = mask.right == 0
     if causal and mask.offset != k.shape[2] - q.shape[2]:
         return False
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    cap = torch.cuda.get_device_capability(q.device)
-    return measured_choice(cap, q.dtype, q.shape[-1], causal, training) == "gluon"
+    return measured_for(q, k, v, causal) == "gluon"
 
 
 def _q_offset(rot: RotarySpec, q: torch.Tensor, k: torch.Tensor) -> int:

@@ -6,15 +6,14 @@ the Triton launches go through Triton's interpreter.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .._backend import interpreting
 from .._kernel_log import record
+from .attention_launch import _new, _seq_args, rowsum_do_o
 
 HEAD_DIMS = (64, 128, 256)
-BWD_HEAD_DIMS = (64, 128)
+BWD_HEAD_DIMS = (64, 128, 256)
 # The head-dim-256 backward (SPLIT_D: the consumers split dK/dV columns and exchange partial S^T / dP^T) is
 # written and checked in the emulator, but compiles for sm_90 with 2 spilled words when causal (an index value
 # kept across the partitions' register reallocation), so it is not taken until it compiles clean.
@@ -87,27 +86,27 @@ def _programs(tiles: int, device: torch.device) -> int:
     return min(tiles, EMULATED_SMS)
 
 
+def _runnable(kernel):
+    """The kernel, or under ``TRITON_INTERPRET=1`` its emulation on CPU tensors."""
+    if interpreting():
+        from ..testing import gluon_emulate
+
+        return gluon_emulate(kernel)
+    return kernel
+
+
 def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the canonical inputs (see ``attention_function``); ``mask`` a ``MaskSpec``."""
     from .attention_gluon_fwd import LOG2E, attention_fwd_gluon_kernel
 
     Z, H, L, E = q.shape
     S = k.shape[2]
-    out = torch.empty((Z, H, L, E), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Z, H, L), dtype=torch.float32, device=q.device)
-    if os.environ.get("FASTATTN_POISON") == "1":
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
+    out, lse = _new((Z, H, L, E), q.dtype, q.device), _new((Z, H, L), torch.float32, q.device)
     block_n, stages = _tiles(E)
     tiles = -(-L // (2 * BLOCK_M)) * Z * H
     grid = (_programs(tiles, q.device),)
-    kernel = attention_fwd_gluon_kernel
-    if interpreting():
-        from ..testing import gluon_emulate
-
-        kernel = gluon_emulate(kernel)
     record("attention_fwd", "attention_fwd_gluon_kernel", "gluon")
-    kernel[grid](
+    _runnable(attention_fwd_gluon_kernel)[grid](
         _descriptor(q, BLOCK_M), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
         out.stride(0), out.stride(1), out.stride(2), Z, H, L, S, H // k.shape[1],
         scale * LOG2E.value, mask.offset, mask.left or 0, mask.right or 0,
@@ -119,10 +118,10 @@ def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torc
 
 def gluon_bwd_refusal(do, q, k, v) -> str | None:
     """Why the Gluon backward cannot take this case (the Triton backward then runs), or None."""
+    if q.shape[-1] not in BWD_HEAD_DIMS:
+        return f"the Gluon backward takes head dims {BWD_HEAD_DIMS}, not {q.shape[-1]}"
     if q.shape[-1] == 256 and SPLIT_D_SPILLS:
         return "the Gluon backward at head dim 256 still spills registers on sm_90 (2 words when causal)"
-    if q.shape[-1] not in BWD_HEAD_DIMS + (256,):
-        return f"the Gluon backward takes head dims {BWD_HEAD_DIMS + (256,)}, not {q.shape[-1]}"
     return layout_refusal(query=q, key=k, value=v, output_gradient=do)
 
 
@@ -130,31 +129,17 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
     """``(dq, dk, dv)`` of the canonical inputs, from the forward's ``out`` and ``lse``."""
     import triton
 
-    from .attention_bwd_kernel import _attention_bwd_preprocess_kernel
     from .attention_gluon_bwd import LOG2E, attention_bwd_gluon_kernel
 
     Z, H, L, E = q.shape
     HK, S = k.shape[1], k.shape[2]
-    delta = torch.empty((Z, H, L), dtype=torch.float32, device=q.device)
-    record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
-    _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=E, BLOCK_M=64, BLOCK_DV=E, SEQ=q, slse_z=H * L,
-        slse_h=L, VARLEN=False,
-    )  # fmt: skip
-    dq_acc = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    if os.environ.get("FASTATTN_POISON") == "1":
-        dk.fill_(float("nan"))
-        dv.fill_(float("nan"))
+    delta = rowsum_do_o(out, do, (Z, H, L), _seq_args(None, q, H, L))
+    dq_acc = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)  # summed into: zeros, not poison
+    dk, dv = _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
     block_m, block_n, split_d = bwd_blocks(E)
     key_rows = block_n if split_d else block_n // 2
-    kernel = attention_bwd_gluon_kernel
-    if interpreting():
-        from ..testing import gluon_emulate
-
-        kernel = gluon_emulate(kernel)
     record("attention_bwd", "attention_bwd_gluon_kernel", "gluon")
-    kernel[(triton.cdiv(S, block_n), Z * HK)](
+    _runnable(attention_bwd_gluon_kernel)[(triton.cdiv(S, block_n), Z * HK)](
         _descriptor(q, block_m), _descriptor(do, block_m), _descriptor(k, key_rows), _descriptor(v, key_rows),
         lse, delta, dq_acc, dk, dv, *dq_acc.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H, L, S, H // HK,
         scale * LOG2E.value, scale, mask.offset, mask.left or 0, mask.right or 0, HAS_LEFT=mask.left is not None,

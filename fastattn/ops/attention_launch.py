@@ -269,6 +269,18 @@ def attention_fwd(
     return out, lse
 
 
+def rowsum_do_o(out: torch.Tensor, do: torch.Tensor, shape, seq: dict) -> torch.Tensor:
+    """delta = rowsum(dO * O), float32 of the LSE's ``shape``: the backward's pre-kernel (Triton's, also for the
+    Gluon backward). ``seq``: the ``_seq_args`` of the launch."""
+    Z, H, L, EV = out.shape
+    delta = _new(shape, torch.float32, out.device)
+    record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
+    _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=EV, BLOCK_M=64, BLOCK_DV=_block_d(EV), **seq
+    )  # fmt: skip
+    return delta
+
+
 def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -293,22 +305,8 @@ def attention_bwd(
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[-1]
     bd_k, bd_v = _block_d(E), _block_d(EV)
-    delta = _new(lse.shape, torch.float32, q.device)
     seq = _seq_args(varlen, q, H, L)
-    record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
-    _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
-        out,
-        do,
-        delta,
-        *out.stride(),
-        *do.stride(),
-        H,
-        L,
-        HEAD_DV=EV,
-        BLOCK_M=64,
-        BLOCK_DV=bd_v,
-        **seq,
-    )
+    delta = rowsum_do_o(out, do, lse.shape, seq)
     if grads is None:
         grads = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
     dq, dk, dv = grads
