@@ -296,6 +296,8 @@ def attention(
     alibi_slopes: torch.Tensor | None = None,
     rotary: RotaryEmbedding | None = None,
     rotary_offset: int = 0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.
 
@@ -308,6 +310,11 @@ def attention(
     ``rotary`` (a :class:`fastattn.RotaryEmbedding`) turns q and k inside the forward kernel, key j at position
     ``rotary_offset + j`` and query i at ``rotary_offset + i + S - L`` (rotated copies are not written; the
     backward rotates q and k into temporaries and turns their gradients back).
+    ``softcap`` (a positive float; Gemma 2's logit soft-capping) replaces each scaled score s by
+    ``softcap * tanh(s / softcap)`` before bias, ALiBi and masks. ``sinks``: a float tensor ``(H,)`` of
+    learnable sink logits (gpt-oss): each row's softmax gains one logit ``sinks[h]`` that carries no value,
+    ``out_i = sum_j e^(s_ij) v_j / (e^(sinks[h]) + sum_j e^(s_ij))``; it gets its gradient, and the LSE
+    includes it (a row with no visible key gives 0 and lse = sinks[h]).
     Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
     log-sum-exp of the scaled, biased scores (-inf on rows with no visible key). Bad input: ValueError.
     """
@@ -330,6 +337,33 @@ def attention(
     bias4 = None if bias is None else _check_mask(api, ValueError, "bias", bias, q, S, allow_bool=False)
     alibi = None if alibi_slopes is None else _check_alibi(api, alibi_slopes, q)
     rope = None if rotary is None else _check_rotary(api, rotary, rotary_offset, q)
+    cap = check_softcap(api, softcap)
+    sink = None if sinks is None else check_sinks(api, sinks, q)
     spec = MaskSpec(offset=S - L, left=left, right=right)
-    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi, rope)
+    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi, rope, cap, sink)
     return (out, lse) if return_lse else out
+
+
+def check_softcap(api: str, softcap) -> float | None:
+    """None, or a positive finite float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(f"{api}(): argument 'softcap' must be float or None, not {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"{api}: softcap must be a positive finite float (None: off), got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(api: str, sinks, q: torch.Tensor) -> torch.Tensor:
+    """A floating (H,) tensor on q's device (H: the query heads, dim -3 of q)."""
+    _require_tensor(api, "sinks", sinks)
+    H = q.shape[-3]
+    if not sinks.dtype.is_floating_point or tuple(sinks.shape) != (H,):
+        raise ValueError(
+            f"{api}: sinks must be a floating tensor of shape ({H},) (one logit per query head); got "
+            f"{sinks.dtype} {tuple(sinks.shape)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"{api}: sinks is on {sinks.device}, q on {q.device}")
+    return sinks

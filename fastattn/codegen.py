@@ -96,15 +96,8 @@ NORM_KERNELS = {
 }
 NORM_PTRS = {"X", "R", "W", "B", "Y", "S", "DY", "DS_OUT", "DX", "DR"}
 NORM_FP32_PTRS = {"MEAN", "RSTD", "DW", "DB"}
-# Which pointer arguments become tensor descriptors in a TMA config (the streamed operands).
-DESCRIPTORS = {"attention_fwd": ("K", "V"), "attention_bwd_dkdv": ("Q", "DO"), "attention_bwd_dq": ("K", "V")}
 # The launcher runs the preprocess with BLOCK_M=64 and the JIT's default num_warps / num_stages.
 PREPROCESS_CONFIG = Config(64, 0, 4, 3)
-# B and DB are q itself without bias / dS, SEQ without varlen rows, BT without a paged cache.
-INPUT_PTRS = {"Q", "K", "V", "B", "O", "DO", "DK", "DV", "DQ", "DB", "SEQ", "BT"}
-FP32_PTRS = {"LSE", "DELTA", "ALIBI"}
-UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdod", "sdkd", "sdvd", "sdqd"}
-FLOATS = {"scale", "dropout_p"}
 DIVISIBLE = [["tt.divisibility", 16]]
 
 
@@ -119,66 +112,66 @@ def _capability(arch: str) -> int:
     return int(match.group(1))
 
 
-def _constexprs(kernel: str, head_dim: int, cfg: Config, causal: bool) -> dict[str, object]:
+def _attention_launch(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -> tuple:
+    """(JIT function, positional args, keyword args) of an attention kernel as its launcher builds them (with the
+    same ``attention_args`` builders), on example CPU tensors: contiguous, lengths and head counts multiples of
+    16, no bias, window, dropout or GQA; ``causal`` adds the right limit 0."""
+    import torch
+
+    from .ops import attention_launch as launch
+    from .ops.attention_args import dropout_arg, operand, rotary_arg, scores_arg, window_arg
+
+    fn = KERNELS[kernel]
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    Z, H, L = 2, 16, 1024
+    q = torch.empty(Z, H, L, head_dim, dtype=tdt)
+    k, v, out = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    lse = torch.empty(Z, H, L)
+    varlen = None
+    if kernel.endswith("_varlen"):  # packed rows; the forward also with key splits and a paged cache
+        bt = torch.zeros(Z, 64, dtype=torch.int32) if kernel.startswith("attention_fwd") else None
+        varlen = launch.Varlen(torch.zeros(Z, 5, dtype=torch.int32), (0, Z * L), 1 if bt is None else 2, 512,
+                               (16, 16), bt)  # fmt: skip
+        if bt is not None:
+            k, v = (torch.empty(128, H, 16, head_dim, dtype=tdt) for _ in range(2))
+    rows = launch._rows(varlen, q, H, L, k)
     if kernel == "attention_bwd_preprocess":
-        return dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim), VARLEN=False)
-    consts: dict[str, object] = dict(
-        GROUP=1,
-        HEAD_DK=head_dim,
-        HEAD_DV=head_dim,
-        BLOCK_DK=_block_d(head_dim),
-        BLOCK_DV=_block_d(head_dim),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BIAS_MODE=0,
-        HAS_LEFT=False,
-        HAS_RIGHT=causal,
-        HAS_DROPOUT=False,
-        HAS_ALIBI=False,
-        INPUT_PRECISION="tf32",
-    )
-    if kernel.startswith("attention_bwd_dq"):
-        consts["BIAS_GRAD"] = False
-    consts["USE_TMA"] = cfg.tma
-    varlen = kernel.endswith("_varlen")
-    consts.update(VARLEN=varlen, SPLIT=varlen, PAGED=varlen)  # names a kernel does not have are dropped below
+        consts = dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim))
+        return fn, [operand(out), operand(out), lse, H, L, rows], consts
+    sc, win = scores_arg(q, None, None, None, None), window_arg(0, None, 0 if causal else None)
+    drop, tile = dropout_arg(0.0, 0, 0), launch._tile(q, k, v, cfg, cfg.tma)
+    rows_desc = cfg.block_m if kernel.startswith("attention_bwd_dkdv") else cfg.block_n
+    desc = (lambda t: launch._descriptor(t, rows_desc)) if cfg.tma else (lambda t: t)  # noqa: E731
     if kernel.startswith("attention_fwd"):
-        consts.update(HAS_ROTARY=kernel == "attention_fwd_rotary", ROT_INTERLEAVED=False)
-    return consts
+        rope = rotary_arg(q)
+        if kernel == "attention_fwd_rotary":
+            rope = rotary_arg(q, (torch.empty(2 * L, head_dim // 2),) * 2, head_dim, 0, False)
+        return fn, [operand(q), operand(k, desc(k)), operand(v, desc(v)), operand(out), lse, H, L, L, 0.1, sc, win,
+                    drop, rope, rows, tile], {}  # fmt: skip
+    if kernel.startswith("attention_bwd_dkdv"):
+        return fn, [operand(q, desc(q)), operand(k), operand(v), operand(out, desc(out)), lse, lse, operand(k),
+                    operand(v), H, L, L, 0.1, sc, win, drop, rows, tile], {}  # fmt: skip
+    return fn, [operand(q), operand(k, desc(k)), operand(v, desc(v)), operand(out), lse, lse, operand(q), q, lse, H, L,
+                L, 0.1, sc, win, drop, rows, tile], dict(BIAS_GRAD=False)  # fmt: skip
 
 
-def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool) -> ASTSource:
-    """The ASTSource the JIT would build for this launch (see ``JITFunction._pack_args``)."""
+def jit_source(fn, args: list, kwargs: dict, capability: int) -> ASTSource:
+    """The ASTSource the JIT builds for a launch with these arguments, by its own binder (ints equal to 1 become
+    constexprs, multiples of 16 get the divisibility attribute, named tuples their fields' types), no GPU needed."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _source(kernel: str, head_dim: int, dtype: str, cfg: Config, causal: bool, capability: int) -> ASTSource:
     if kernel in NORM_KERNELS:
         return _norm_source(kernel, head_dim, dtype, cfg)
-    fn = KERNELS[kernel]
-    consts = {k: c for k, c in _constexprs(kernel, head_dim, cfg, causal).items() if k in fn.arg_names}
-    # The JIT turns an int argument equal to 1 into a constexpr: unit strides give vectorised accesses.
-    consts.update({name: 1 for name in fn.arg_names if name in UNIT_STRIDES})
-    signature: dict[str, str] = {}
-    attrs: dict[tuple[int, ...], list] = {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-            continue
-        if cfg.tma and name in DESCRIPTORS.get(kernel, ()):
-            rows = cfg.block_m if kernel == "attention_bwd_dkdv" else cfg.block_n
-            signature[name] = f"tensordesc<{dtype}[1, 1, {rows}, {_block_d(head_dim)}]>"
-        elif name in ("SEQ", "BT") and kernel.endswith("_varlen"):
-            signature[name] = "*i32"  # per-sequence rows / the page table
-        elif name in INPUT_PTRS:
-            signature[name] = f"*{dtype}"
-        elif name in FP32_PTRS:
-            signature[name] = "*fp32"
-        elif name in ("COS", "SIN"):  # rotary tables
-            signature[name] = "*fp32"
-        elif name in FLOATS:
-            signature[name] = "fp32"
-            continue  # floats get no divisibility attribute
-        else:  # strides, sizes, offset/left/right, seed and philox_offset (0 without dropout: an i32 to the JIT)
-            signature[name] = "i32"
-        attrs[(i,)] = DIVISIBLE
-    return ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return jit_source(*_attention_launch(kernel, head_dim, dtype, cfg, causal), capability)
 
 
 def _norm_source(kernel: str, hidden: int, dtype: str, cfg: Config) -> ASTSource:
@@ -335,7 +328,7 @@ def _compile_one(job: tuple) -> dict:
         # On failure Triton prints the whole PTX to stdout, which would corrupt --json; the exception has the log.
         with contextlib.redirect_stdout(io.StringIO()):
             compiled = triton.compile(
-                _source(kernel, head_dim, dtype, cfg, causal),
+                _source(kernel, head_dim, dtype, cfg, causal, capability),
                 target=GPUTarget("cuda", capability, 32),
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
             )

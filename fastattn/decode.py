@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._attention import _autocast, _check_alibi, _check_scale
+from ._attention import _autocast, _check_alibi, _check_scale, check_sinks, check_softcap
 from ._backend import triton_only, use_triton
 from ._kernel_log import record
 from .ops.attention_function import triton_refusal
@@ -98,6 +98,8 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     block_table: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a few new query tokens per sequence over a key/value cache (inference: no gradient).
 
@@ -107,8 +109,9 @@ def decode_attention(
     at that position, attends causally to everything up to it. Without them, the queries attend to the first
     ``cache_seqlens[n]`` keys, the last query aligned with the last key. ``rotary`` turns q (and k_new) at
     their positions before the cache is written; ``alibi_slopes`` ``(H,)`` or ``(N, H)`` as in
-    :func:`fastattn.attention`. The key length is split into ``num_splits`` parts (default: enough to fill the
-    GPU) computed in parallel and merged by log-sum-exp. Returns ``(N, H, L_new, Ev)``.
+    :func:`fastattn.attention`, and so are ``softcap`` and ``sinks`` ``(H,)``. The key length is split into
+    ``num_splits`` parts (default: enough to fill the GPU) computed in parallel and merged by log-sum-exp (the
+    sinks counted once). Returns ``(N, H, L_new, Ev)``.
 
     Paged cache: with ``block_table`` int32 ``(N, max_pages)``, the caches are pools of pages ``(num_pages,
     H_kv, page_size, E / Ev)`` and position p of sequence n lives at row ``p % page_size`` of page
@@ -139,6 +142,8 @@ def decode_attention(
     q = q.to(k_cache.dtype)
     scale_f = _check_scale(_API, scale, E)
     alibi = None if alibi_slopes is None else _check_alibi(_API, alibi_slopes, q)
+    cap = check_softcap(_API, softcap)
+    sink = None if sinks is None else check_sinks(_API, sinks, q).detach().float().contiguous()
     t = torch.arange(L, device=q.device)
     first = cache_seqlens.long() if k_new is not None else cache_seqlens.long() - L
     positions = first[:, None] + t  # (N, L) position of each query
@@ -164,7 +169,7 @@ def decode_attention(
         if use_triton(_API, q.device, triton_refusal(q, v_cache)):
             triton_only(_API)
             return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits, block_table,
-                                   s_max)  # fmt: skip
+                                   s_max, cap, sink)  # fmt: skip
         outs = []
         for n in range(N):
             s = filled[n] + (L if k_new is not None else 0)  # from the host copy: no sync per sequence
@@ -175,27 +180,33 @@ def decode_attention(
                 kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
             a = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
             record("decode_attention", "attention_reference", "torch")
-            out, _ = attention_reference(q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a)
+            out, _ = attention_reference(
+                q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a, softcap=cap, sinks=sink
+            )
             outs.append(out)
         return torch.cat(outs).to(q.dtype)
 
 
-def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits, block_table, s_max):
+def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits, block_table, s_max, softcap=None,
+                    sinks=None):  # fmt: skip
     N, H, L, E = q.shape
     HK = k_cache.shape[1]
-    if L == 1 and H > HK and alibi is None:
+    if L == 1 and H > HK and alibi is None and sinks is None:
         # One new token and grouped heads: the group's query heads become the rows of one program, so each
         # shared key/value head is read once per group. With one query per head no causal limit is needed
-        # (every cached key precedes it); ALiBi's per-head slopes would not fit a shared row block.
+        # (every cached key precedes it); ALiBi's slopes and the sinks, per query head, would not fit a shared
+        # row block.
         rows = q.reshape(N, HK, H // HK, E)
-        out = _decode_kernels(rows, k_cache, v_cache, lengths, MaskSpec(), scale, None, num_splits, block_table, s_max)
+        out = _decode_kernels(rows, k_cache, v_cache, lengths, MaskSpec(), scale, None, num_splits, block_table, s_max,
+                              softcap)  # fmt: skip
         return out.reshape(N, H, 1, -1)
+    extra = dict(softcap=softcap, sinks=sinks)
     zeros = torch.zeros_like(lengths)
     seq = torch.stack([zeros, torch.full_like(lengths, L), zeros, lengths, lengths - L], 1).contiguous()
     splits = _splits(q, s_max, num_splits)
     if splits == 1:
         out, _ = attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi,
-                               varlen=Varlen(seq, (H * L, L), block_table=block_table))  # fmt: skip
+                               varlen=Varlen(seq, (H * L, L), block_table=block_table), **extra)  # fmt: skip
         return out
     split_len = -(-s_max // splits)
     split_len = -(-split_len // SPLIT_TILE) * SPLIT_TILE
@@ -204,7 +215,7 @@ def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_spli
     part = torch.empty((splits, N, H, L, v_cache.shape[3]), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((splits, N, H, L), dtype=torch.float32, device=q.device)
     vl = Varlen(seq, (H * L, L), splits, split_len, (part.stride(0), part_lse.stride(0)), block_table)
-    attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi, varlen=vl, out=part[0], lse=part_lse)
+    attention_fwd(q, k_cache, v_cache, None, scale, causal, alibi=alibi, varlen=vl, out=part[0], lse=part_lse, **extra)
     lse = torch.logsumexp(part_lse, 0)
     weights = torch.exp(part_lse - lse).nan_to_num(0.0)
     return (weights[..., None] * part).sum(0).to(q.dtype)

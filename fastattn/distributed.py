@@ -69,7 +69,7 @@ def _block_bwd(do, q, k, v, out, lse, scale, diagonal):
         from fastattn.ops.attention_launch import attention_bwd
 
         mask = MaskSpec(offset=0, right=0) if diagonal else MaskSpec()
-        dq, dk, dv, _ = attention_bwd(do, q, k, v, out.to(q.dtype), lse.contiguous(), None, scale, mask)
+        dq, dk, dv, _, _ = attention_bwd(do, q, k, v, out.to(q.dtype), lse.contiguous(), None, scale, mask)
         return dq.float(), dk.float(), dv.float()
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, 1)

@@ -4,8 +4,9 @@ It registers an attention function through transformers' ``AttentionInterface`` 
 are built for the new name, the SDPA mask builder through ``AttentionMaskInterface`` (transformers builds no
 mask for a name it does not know). Any model that takes pluggable attention (BERT, GPT-2, Llama-style, ...)
 then runs its attention on ``fastattn.scaled_dot_product_attention``: causal, padding masks, GQA without
-repeating key/value heads. transformers is an optional dependency; plain ``import fastattn`` does not
-import it.
+repeating key/value heads. Models that pass learnable sinks (gpt-oss: ``s_aux``) or logit soft-capping
+(Gemma 2: ``softcap``) run on ``fastattn.attention`` with those (sliding windows come in the mask).
+transformers is an optional dependency; plain ``import fastattn`` does not import it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ._attention import scaled_dot_product_attention
+from ._attention import attention, scaled_dot_product_attention
 
 NAME = "fastattn"
 
@@ -55,9 +56,18 @@ def fastattn_attention_forward(
         else:
             attention_mask = position_bias + attention_mask
         causal = False
-    out = scaled_dot_product_attention(
-        query, key, value, attention_mask, dropout, causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
+    if sinks is None and softcap is None:
+        out = scaled_dot_product_attention(
+            query, key, value, attention_mask, dropout, causal, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        )
+    else:  # causal only without a mask and with as many keys as queries: either alignment is the same
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # the native API adds a float bias
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, float("-inf")
+            )
+        out = attention(query, key, value, causal=causal, bias=attention_mask, dropout_p=dropout, scale=scaling,
+                        softcap=softcap, sinks=sinks)  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._attention import _autocast, _check_dropout, _check_scale, _check_window
+from ._attention import _autocast, _check_dropout, _check_scale, _check_window, check_sinks, check_softcap
 from ._backend import triton_only, use_triton
 from .ops.attention_function import dropout_seed, triton_refusal
 from .ops.varlen_function import varlen_reference
@@ -44,6 +44,8 @@ def varlen_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_lse: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over sequences of different lengths packed along the first dimension, no padding.
 
@@ -51,6 +53,7 @@ def varlen_attention(
     sequence b is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
     of k and v (int32 offsets, B + 1 of them, from 0 to the totals); ``max_seqlen_*`` bound the lengths.
     ``causal`` and ``window`` are per sequence and bottom-right aligned as in :func:`fastattn.attention`.
+    ``softcap`` and ``sinks`` ``(H,)`` as in :func:`fastattn.attention` (the sinks get their gradient).
     Returns ``out (total_q, H, Ev)`` and, with ``return_lse``, ``lse (H, total_q)`` float32. Equal, sequence
     by sequence, to :func:`fastattn.attention` on each sequence alone. Bad input: ValueError / TypeError.
     """
@@ -77,11 +80,14 @@ def varlen_attention(
     p = _check_dropout(_API, ValueError, dropout_p, upper_inclusive=False)
     scale_f = _check_scale(_API, scale, q.shape[-1])
     left, right = _check_window(window, causal)
-    out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, scale_f, left, right, p)
+    cap = check_softcap(_API, softcap)
+    sink = None if sinks is None else check_sinks(_API, sinks, q.transpose(0, 1))
+    out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, scale_f, left, right, p, cap, sink)
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], scale, left, right, p):
+def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], scale, left, right, p, softcap=None,
+         sinks=None):  # fmt: skip
     """Checked packed inputs (offsets on the device and as lists) to ``(out, lse)`` on the kernels or the
     reference; no host copy here."""
     if use_triton(_API, q.device, triton_refusal(q, v)):
@@ -92,9 +98,10 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], 
         len_q, len_k = cu_seqlens_q[1:] - starts_q, cu_seqlens_k[1:] - starts_k
         seq = torch.stack([starts_q, len_q, starts_k, len_k, len_k - len_q], 1)  # bottom-right per sequence
         return torch.ops.fastattn.varlen_fwd(
-            q, k, v, seq.contiguous(), dropout_seed(p), scale, left, right, p, max(longest_q, 1), max(longest_k, 1)
-        )
-    return varlen_reference(q, k, v, cu_q, cu_k, scale, left, right, p)
+            q, k, v, seq.contiguous(), sinks, dropout_seed(p), scale, softcap, left, right, p, max(longest_q, 1),
+            max(longest_k, 1),
+        )  # fmt: skip
+    return varlen_reference(q, k, v, cu_q, cu_k, scale, left, right, p, softcap, sinks)
 
 
 def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

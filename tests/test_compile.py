@@ -150,14 +150,15 @@ def test_cuda_graph_capture_replays_attention_and_norms(backend):
     assert torch.allclose(q.grad.float(), eager_dq.float(), atol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["attention", "norm", "sinusoidal", "rotary"])
+@pytest.mark.parametrize("name", ["attention", "attention_sinks", "norm", "sinusoidal", "rotary"])
 def test_custom_ops_pass_opcheck(name):
     """torch.library.opcheck: schema, fake implementation against the real one, autograd registration."""
     seed = torch.zeros((), dtype=torch.int64)
-    if name == "attention":
+    if name.startswith("attention"):
         q, k, v = (randn(1, 2, 12, 16, requires_grad=True) for _ in range(3))
         op = torch.ops.fastattn.attention_fwd.default
-        args = (q, k, v, None, None, seed, 0.25, 0, None, 0, 0.0, 0, 10000.0, False, 0, "triton")
+        sinks, cap = (randn(2, requires_grad=True), 3.0) if name == "attention_sinks" else (None, None)
+        args = (q, k, v, None, None, sinks, seed, 0.25, cap, 0, None, 0, 0.0, 0, 10000.0, False, 0, "triton")
     elif name == "norm":
         x, w = randn(6, 32, requires_grad=True), randn(32, requires_grad=True)
         op, args = torch.ops.fastattn.norm_fwd.default, (x, None, w, None, seed, 32, 1e-5, False, 0.0, "triton")

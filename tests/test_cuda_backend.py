@@ -21,6 +21,7 @@ from helpers import DEVICE, randn
 
 import fastattn
 from fastattn import _backend
+from fastattn.ops.attention_args import dropout_arg
 from fastattn.ops.attention_cuda import cuda_refusal, key_padding_mask
 from fastattn.ops.attention_tiles import _dropout_keep
 
@@ -123,10 +124,10 @@ def test_host_logic_of_the_kernels(tmp_path, name):
 
 
 @triton.jit
-def _keep_kernel(OUT, seed, philox_offset, bh, p, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _keep_kernel(OUT, drop, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
     i = tl.arange(0, ROWS)[:, None]
     j = tl.arange(0, COLS)[None, :]
-    keep = _dropout_keep(seed, philox_offset, bh, i, j, p)
+    keep = _dropout_keep(drop, bh, i, j)
     tl.store(OUT + i * COLS + j, keep.to(tl.int8))
 
 
@@ -137,7 +138,7 @@ def test_cuda_dropout_draws_the_triton_kernels_bits(seed, offset, bh, p):
     rows, cols = 32, 64
     host = torch.frombuffer(bytearray(ext.dropout_keep_host(seed, offset, bh, rows, cols, p)), dtype=torch.int8)
     out = torch.full((rows, cols), -1, dtype=torch.int8, device=DEVICE)
-    _keep_kernel[(1,)](out, seed, offset, bh, p, ROWS=rows, COLS=cols)
+    _keep_kernel[(1,)](out, dropout_arg(p, seed, offset), bh, ROWS=rows, COLS=cols)
     assert torch.equal(out.cpu().view(-1), host)
     assert abs(host.float().mean().item() - (1 - p)) < 0.1  # and it is a dropout mask at rate p
 

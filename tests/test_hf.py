@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, rel_err
 
 transformers = pytest.importorskip("transformers", reason="transformers is the optional 'hf' extra")
 import fastattn  # noqa: E402
@@ -116,3 +116,93 @@ def test_patch_switches_a_hf_model(monkeypatch):
         want = _out(ref, ids, mask)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
     assert len(calls) == 2
+
+
+def _sinks_and_softcap_models():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    small = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, sliding_window=4, max_position_embeddings=64)  # fmt: skip
+    return {
+        # Sinks on every layer, a 4-token sliding window on the first (gpt-oss alternates them).
+        "gpt-oss": (GptOssForCausalLM, GptOssConfig(intermediate_size=32, num_local_experts=2, num_experts_per_tok=1,
+                                                    layer_types=["sliding_attention", "full_attention"], **small)),
+        # Soft-capped logits (2.0 makes the cap bend the scores), a sliding window on alternate layers.
+        "gemma2": (Gemma2ForCausalLM, Gemma2Config(intermediate_size=64, attn_logit_softcapping=2.0,
+                                                   final_logit_softcapping=30.0, query_pre_attn_scalar=16, **small)),
+    }  # fmt: skip
+
+
+def _eager_pair(name):
+    cls, config = _sinks_and_softcap_models()[name]
+    torch.manual_seed(0)
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="eager").to(DEVICE).eval()
+    for layer in ref.model.layers:
+        if name == "gpt-oss":  # the initializer's sinks are small; spread them so that they matter
+            torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+        else:  # scores of a few units, so that the cap of 2 bends them (the initializer's give ~0.01)
+            torch.nn.init.normal_(layer.self_attn.q_proj.weight, std=0.3)
+            torch.nn.init.normal_(layer.self_attn.k_proj.weight, std=0.3)
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation="fastattn").to(DEVICE).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_sinks_and_softcap_models_match_eager(name, backend):
+    """gpt-oss (sinks, sliding window) and Gemma 2 (soft-capping, sliding window) on fastattn: the logits and
+    every parameter's gradient of transformers' eager attention, with left padding. Both are float32 (the MoE
+    layers of gpt-oss take no float64), so the bound is on the norm-wise difference of two float32 results,
+    each within the suite's 1e-5 of exact: 2e-5."""
+    ref, ours = _eager_pair(name)
+    ids, mask = _batch()
+    keep = mask.bool()
+    with fastattn.backend(backend), fastattn.kernel_log() as log:
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    want = ref(input_ids=ids, attention_mask=mask).logits
+    kernel = "_attention_fwd_kernel" if backend == "triton" else "attention_reference"
+    assert [e.kernel for e in log] == [kernel] * 2  # both layers through fastattn.attention
+    assert rel_err(got[keep], want[keep]) <= 2e-5
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) * keep[..., None]
+    with fastattn.backend(backend):
+        (got * dout).sum().backward()
+    (want * dout).sum().backward()
+    for (pname, p), r in zip(ours.named_parameters(), ref.parameters()):
+        if r.grad is None:
+            assert p.grad is None, pname
+            continue
+        assert rel_err(p.grad, r.grad) <= 2e-5, (pname, rel_err(p.grad, r.grad))
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_sinks_and_softcap_matter_here(name):
+    """The comparison above bites: the same model with its sinks (gpt-oss) or cap (Gemma 2) taken out gives
+    other logits than eager attention with them."""
+    ref, ours = _eager_pair(name)
+    if name == "gpt-oss":
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.data.fill_(-1e4)  # e^-1e4 = 0: no sink
+    else:
+        for layer in ours.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+    ids, mask = _batch()
+    with torch.no_grad(), fastattn.backend("triton"):
+        got = ours(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    assert (got - want)[mask.bool()].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_sinks_and_softcap_generation_with_cache_equals_without(name):
+    """Greedy generation on fastattn: with the KV cache (single-token steps, sliding-window cache layers) the
+    tokens of generation without a cache, and of eager attention."""
+    ref, ours = _eager_pair(name)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), fastattn.backend("triton"):
+        cached = ours.generate(ids, use_cache=True, **kw)
+        uncached = ours.generate(ids, use_cache=False, **kw)
+        eager = ref.generate(ids, use_cache=True, **kw)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, eager)

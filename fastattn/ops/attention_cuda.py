@@ -13,9 +13,9 @@ import torch
 
 from . import cuda_ext
 from .attention_launch import MaskSpec, RotarySpec, _new
+from .attention_support import FAMILIES, features_of, refusal
 
-HEAD_DIMS = (64, 128)
-DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = FAMILIES["cuda"].head_dims
 
 
 def key_padding_mask(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -36,18 +36,15 @@ def cuda_refusal(
     scale: float,
     alibi: torch.Tensor | None,
     rotary: RotarySpec | None,
+    dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> str | None:
-    """Why the CUDA attention kernels cannot take this case, or None if they can."""
-    if q.dtype not in DTYPES:
-        return f"they take float16 and bfloat16, not {q.dtype}"
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
-        return f"they take head dims {HEAD_DIMS} for query and value alike (query {q.shape[-1]}, value {v.shape[-1]})"
-    if bias is not None and key_padding_mask(bias) is None:
-        return "of the masks they take only a bool key padding mask (broadcast over heads and queries)"
-    if alibi is not None:
-        return "ALiBi is not in them"
-    if rotary is not None:
-        return "fused rotary embeddings are not in them"
+    """Why the CUDA attention kernels cannot take this case, or None if they can (``attention_support``)."""
+    used = features_of(bias, dropout_p, alibi, rotary, softcap, sinks, key_padding_mask(bias) is not None)
+    why = refusal("cuda", q, v, used)
+    if why is not None:
+        return why
     if not scale > 0.0:
         return f"they take a positive scale, not {scale}"
     if q.shape[0] * q.shape[1] > 65535:

@@ -23,18 +23,14 @@ from .attention_gluon import (
 )
 from .attention_launch import MaskSpec, RotarySpec, attention_bwd, attention_fwd
 from .attention_reference import attention_reference
+from .attention_support import FAMILIES, refusal
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = FAMILIES["triton"].dtypes
 
 
 def triton_refusal(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs, or None if they can."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"the kernels take float16, bfloat16 and float32, not {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM} are not compiled (query {q.shape[-1]}, value {v.shape[-1]})"
-    return None
+    return refusal("triton", q, v, set())
 
 
 def dropout_seed(dropout_p: float) -> torch.Tensor:
@@ -51,13 +47,15 @@ def _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset):
     return MaskSpec(offset, left, right), rot
 
 
-# The op's arguments after the tensors: scale, visibility (offset, left, right), dropout_p, the rotary spec
-# (dim 0 = none, base, interleaved, offset) and the kernel backend ("triton", "gluon" or "cuda").
+# The op's arguments after the tensors (bias, ALiBi slopes, sink logits, the dropout seed): scale, softcap,
+# visibility (offset, left, right), dropout_p, the rotary spec (dim 0 = none, base, interleaved, offset) and
+# the kernel backend ("triton", "gluon" or "cuda").
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, alibi: torch.Tensor | None,
-    seed: torch.Tensor, scale: float, offset: int, left: int | None, right: int | None, dropout_p: float,
-    rot_dim: int, rot_base: float, rot_interleaved: bool, rot_offset: int, backend: str,
+    sinks: torch.Tensor | None, seed: torch.Tensor, scale: float, softcap: float | None, offset: int,
+    left: int | None, right: int | None, dropout_p: float, rot_dim: int, rot_base: float, rot_interleaved: bool,
+    rot_offset: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(out, lse)`` by the Triton or CUDA kernels (canonical layout, see the module docstring)."""
     mask, rot = _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset)
@@ -69,12 +67,18 @@ def attention_fwd_op(
         if why is None:
             return attention_fwd_gluon(q, k, v, scale, mask)
         warn_once("attention", f"the Gluon kernels cannot run: {why}", instead="the Triton kernels")
-    return attention_fwd(q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot)
+    return attention_fwd(
+        q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot, softcap=softcap, sinks=_sinks32(sinks)
+    )
+
+
+def _sinks32(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    return None if sinks is None else sinks.detach().to(torch.float32).contiguous()
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, bias, alibi, seed, scale, offset, left, right, dropout_p, rot_dim, rot_base, rot_interleaved,
-      rot_offset, backend):  # fmt: skip
+def _(q, k, v, bias, alibi, sinks, seed, scale, softcap, offset, left, right, dropout_p, rot_dim, rot_base,
+      rot_interleaved, rot_offset, backend):  # fmt: skip
     Z, H, L, _ = q.shape
     return q.new_empty((Z, H, L, v.shape[-1])), q.new_empty((Z, H, L), dtype=torch.float32)
 
@@ -82,56 +86,70 @@ def _(q, k, v, bias, alibi, seed, scale, offset, left, right, dropout_p, rot_dim
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def attention_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    bias: torch.Tensor | None, alibi: torch.Tensor | None, seed: torch.Tensor, scale: float, offset: int,
-    left: int | None, right: int | None, dropout_p: float, rot_dim: int, rot_base: float, rot_interleaved: bool,
-    rot_offset: int, backend: str, bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dq, dk, dv, dbias)``; dbias is the float32 ``(Z, H, L, S)`` score gradient when ``bias_grad``, else
-    an empty tensor."""
+    bias: torch.Tensor | None, alibi: torch.Tensor | None, sinks: torch.Tensor | None, seed: torch.Tensor,
+    scale: float, softcap: float | None, offset: int, left: int | None, right: int | None, dropout_p: float,
+    rot_dim: int, rot_base: float, rot_interleaved: bool, rot_offset: int, backend: str, bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dq, dk, dv, dbias, dsinks)``; dbias is the float32 ``(Z, H, L, S)`` score gradient when ``bias_grad``,
+    dsinks the float32 (H,) gradient of the sink logits; each an empty tensor when not asked for."""
     mask, rot = _specs(offset, left, right, rot_dim, rot_base, rot_interleaved, rot_offset)
     s = int(seed.item())
+    if backend in ("cuda", "gluon") and torch.are_deterministic_algorithms_enabled():
+        # Their dQ adds partial sums with atomics in whatever order the blocks finish; the Triton backward owns
+        # each gradient row (no atomics), and takes their forwards' out and lse as they are.
+        warn_once(
+            "attention backward",
+            f"the {backend} backward is not bit-reproducible (atomic dQ) and torch.use_deterministic_algorithms "
+            "is on",
+            instead="the Triton kernels",
+        )
+        backend = "triton"
     if backend == "cuda":
         dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask(bias), scale, mask, dropout_p, s)
-        return dq, dk, dv, q.new_empty(0)
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
     if backend == "gluon":  # the Gluon forward took the case: no bias, dropout, ALiBi or rotary
         why = gluon_bwd_refusal(dout, q, k, v)
         if why is None:
             dq, dk, dv = attention_bwd_gluon(dout, q, k, v, out, lse, scale, mask)
-            return dq, dk, dv, q.new_empty(0)
+            return dq, dk, dv, q.new_empty(0), q.new_empty(0)
         # The Gluon forward's out and lse are what the Triton backward takes.
         warn_once("attention backward", f"the Gluon backward cannot run: {why}", instead="the Triton kernels")
     if rot is not None:  # the backward kernels take rotated q/k; their gradients turn back afterwards
         q, k = _rotate(q, rot, _q_offset(rot, q, k), 1.0), _rotate(k, rot, rot.offset, 1.0)
-    dq, dk, dv, dbias = attention_bwd(
-        dout, q, k, v, out, lse, bias, scale, mask, dropout_p, s, bias_grad=bias_grad, alibi=alibi
-    )
+    dq, dk, dv, dbias, dsinks = attention_bwd(
+        dout, q, k, v, out, lse, bias, scale, mask, dropout_p, s, bias_grad=bias_grad, alibi=alibi, softcap=softcap,
+        sinks=_sinks32(sinks),
+    )  # fmt: skip
     if rot is not None:
         dq, dk = _rotate(dq, rot, _q_offset(rot, q, k), -1.0), _rotate(dk, rot, rot.offset, -1.0)
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+    return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsinks is None else dsinks
 
 
 @attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, bias, alibi, seed, scale, offset, left, right, dropout_p, rot_dim, rot_base,
-      rot_interleaved, rot_offset, backend, bias_grad):  # fmt: skip
+def _(dout, q, k, v, out, lse, bias, alibi, sinks, seed, scale, softcap, offset, left, right, dropout_p, rot_dim,
+      rot_base, rot_interleaved, rot_offset, backend, bias_grad):  # fmt: skip
     Z, H, L, _ = q.shape
     dbias = q.new_empty((Z, H, L, k.shape[2]), dtype=torch.float32) if bias_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    dsinks = q.new_empty((H,), dtype=torch.float32) if sinks is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi, seed, *args = inputs
-    ctx.save_for_backward(q, k, v, bias, alibi, seed, *output)
+    q, k, v, bias, alibi, sinks, seed, *args = inputs
+    ctx.save_for_backward(q, k, v, bias, alibi, sinks, seed, *output)
     ctx.args = args
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, bias, alibi, seed, out, lse = ctx.saved_tensors
+    q, k, v, bias, alibi, sinks, seed, out, lse = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.fastattn.attention_bwd(
-        dout, q, k, v, out, lse, bias, alibi, seed, *ctx.args, bias_grad
+    dq, dk, dv, dbias, dsinks = torch.ops.fastattn.attention_bwd(
+        dout, q, k, v, out, lse, bias, alibi, sinks, seed, *ctx.args, bias_grad
     )
-    return (dq, dk, dv, dbias if bias_grad else None) + (None,) * 12
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None and ctx.needs_input_grad[5] else None
+    # One gradient per input: q, k, v, bias, alibi (none: slopes are not learned), sinks, then the scalars.
+    return (dq, dk, dv, dbias if bias_grad else None, None, dsinks) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -148,24 +166,25 @@ def attention_forward(
     dropout_p: float,
     alibi: torch.Tensor | None = None,
     rotary: RotarySpec | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through the CUDA kernels (``cuda`` backend), the Gluon kernels (``gluon``) or the Triton
     kernels when the backend and the case allow (the ``fastattn::attention_fwd`` op), else through the PyTorch
     reference (float32 compute for half inputs)."""
     backend = None
-    if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary)):
+    gluon_why = lambda: gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary, softcap, sinks)  # noqa: E731
+    if use_cuda(op, q.device, lambda: cuda_refusal(q, k, v, bias, scale, alibi, rotary, dropout_p, softcap, sinks)):
         backend = "cuda"
-    elif use_gluon(op, lambda: gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary)) or (
-        _measured_gluon(q, k, v, mask) and gluon_refusal(q, k, v, bias, dropout_p, alibi, rotary) is None
-    ):
+    elif use_gluon(op, gluon_why) or (_measured_gluon(q, k, v, mask) and gluon_why() is None):
         backend = "gluon"
     elif use_triton(op, q.device, triton_refusal(q, v)):
         backend = "triton"
     if backend is not None:
         rot = rotary or RotarySpec(0)
         return torch.ops.fastattn.attention_fwd(
-            q, k, v, bias, alibi, dropout_seed(dropout_p), scale, mask.offset, mask.left, mask.right, dropout_p,
-            rot.dim, rot.base, rot.interleaved, rot.offset, backend,
+            q, k, v, bias, alibi, sinks, dropout_seed(dropout_p), scale, softcap, mask.offset, mask.left, mask.right,
+            dropout_p, rot.dim, rot.base, rot.interleaved, rot.offset, backend,
         )  # fmt: skip
     if rotary is not None:
         q, k = (
@@ -173,7 +192,7 @@ def attention_forward(
             _rotate(k, rotary, rotary.offset, 1.0, kernel=False),
         )
     record(op if op.startswith("attention") else "attention_fwd", "attention_reference", "torch")
-    return attention_reference(q, k, v, bias, scale, mask, dropout_p, alibi=alibi)
+    return attention_reference(q, k, v, bias, scale, mask, dropout_p, alibi=alibi, softcap=softcap, sinks=sinks)
 
 
 def _measured_gluon(q, k, v, mask: MaskSpec) -> bool:

@@ -10,9 +10,10 @@ import torch
 
 from .._backend import interpreting
 from .._kernel_log import record
-from .attention_launch import _new, _seq_args, rowsum_do_o
+from .attention_launch import _new, _rows, rowsum_do_o
+from .attention_support import FAMILIES, features_of, refusal
 
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = FAMILIES["gluon"].head_dims
 BWD_HEAD_DIMS = (64, 128, 256)
 # The head-dim-256 backward (SPLIT_D: the consumers split dK/dV columns and exchange partial S^T / dP^T) is
 # written and checked in the emulator, but compiles for sm_90 with 2 spilled words when causal (an index value
@@ -33,26 +34,15 @@ BWD_STAGES = 2
 EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
 
 
-def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary) -> str | None:
+def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary, softcap=None, sinks=None) -> str | None:
     """Why the Gluon forward cannot take this case (the Triton kernels then run), or None. Decided from shapes,
-    dtypes and features, so it also holds while torch.compile traces; the data layout is checked when the op
-    runs (``layout_refusal``)."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the Gluon kernels take float16 and bfloat16, not {q.dtype}"
-    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in HEAD_DIMS:
-        return f"the Gluon kernels take head dims {HEAD_DIMS} (query {q.shape[-1]}, value {v.shape[-1]})"
-    if bias is not None:
-        return "the Gluon kernels take no bias or mask tensor"
-    if dropout_p > 0.0:
-        return "the Gluon kernels have no dropout"
-    if alibi is not None:
-        return "the Gluon kernels have no ALiBi"
-    if rotary is not None:
-        return "the Gluon kernels have no fused rotary embeddings"
-    if not interpreting():
+    dtypes and features (``attention_support``), so it also holds while torch.compile traces; the data layout
+    is checked when the op runs (``layout_refusal``)."""
+    why = refusal("gluon", q, v, features_of(bias, dropout_p, alibi, rotary, softcap, sinks))
+    if why is None and not interpreting():
         if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
             return "the Gluon kernels are written for sm_90 (Hopper) GPUs"
-    return None
+    return why
 
 
 def layout_refusal(**tensors) -> str | None:
@@ -133,7 +123,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
 
     Z, H, L, E = q.shape
     HK, S = k.shape[1], k.shape[2]
-    delta = rowsum_do_o(out, do, (Z, H, L), _seq_args(None, q, H, L))
+    delta = rowsum_do_o(out, do, (Z, H, L), _rows(None, q, H, L))
     dq_acc = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)  # summed into: zeros, not poison
     dk, dv = _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
     block_m, block_n, split_d = bwd_blocks(E)

@@ -12,9 +12,24 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from .._backend import interpreting
 from .._kernel_log import record
+from .attention_args import (
+    Dropout,
+    Rows,
+    Scores,
+    Tile,
+    Window,
+    dropout_arg,
+    flags,
+    operand,
+    rotary_arg,
+    scores_arg,
+    tile_arg,
+    window_arg,
+)
 from .attention_bwd_kernel import (
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
@@ -72,21 +87,18 @@ class Varlen:
     block_table: torch.Tensor | None = None  # paged K/V (pages, H_kv, page_size, E): int32 (Z, max_pages)
 
 
-def _seq_args(varlen: Varlen | None, q: torch.Tensor, H: int, L: int) -> dict:
+def _rows(varlen: Varlen | None, q: torch.Tensor, H: int, L: int, k: torch.Tensor | None = None) -> Rows:
+    """Per-sequence rows, key splits and paging of the kernels (all off without ``varlen``)."""
     if varlen is None:
-        return dict(SEQ=q, slse_z=H * L, slse_h=L, VARLEN=False)
-    return dict(SEQ=varlen.seq, slse_z=varlen.lse_strides[0], slse_h=varlen.lse_strides[1], VARLEN=True)
-
-
-def _split_args(varlen: Varlen | None, q: torch.Tensor, k: torch.Tensor) -> dict:
-    """Key splits and paging of the forward kernel (off without ``varlen``)."""
-    args = dict(split_len=0, so_split=0, slse_split=0, SPLIT=False, BT=q, sbt=0, PAGE=1, PAGED=False)
-    if varlen is not None and varlen.splits > 1:
-        so, sl = varlen.split_strides
-        args.update(split_len=varlen.split_len, so_split=so, slse_split=sl, SPLIT=True)
-    if varlen is not None and varlen.block_table is not None:
-        args.update(BT=varlen.block_table, sbt=varlen.block_table.stride(0), PAGE=k.shape[2], PAGED=True)
-    return args
+        return Rows(q, H * L, L, 0, 0, 0, q, 0, 1, tl.constexpr(False), tl.constexpr(False), tl.constexpr(False))
+    split = varlen.splits > 1
+    so, sl = varlen.split_strides if split else (0, 0)
+    bt = varlen.block_table
+    return Rows(
+        varlen.seq, *varlen.lse_strides, varlen.split_len if split else 0, so, sl,
+        q if bt is None else bt, 0 if bt is None else bt.stride(0), 1 if bt is None else k.shape[2],
+        tl.constexpr(True), tl.constexpr(split), tl.constexpr(bt is not None),
+    )  # fmt: skip
 
 
 def _block_d(e: int) -> int:
@@ -150,29 +162,15 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def _bias_args(bias: torch.Tensor | None, q: torch.Tensor):
-    if bias is None:
-        return q, (0, 0, 0, 0), 0
-    return bias, tuple(bias.stride()), 2 if bias.dtype == torch.bool else 1
-
-
-def _flags(mask: MaskSpec, dropout_p: float, alibi: torch.Tensor | None) -> dict:
-    return dict(
-        HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HAS_DROPOUT=dropout_p > 0.0,
-        HAS_ALIBI=alibi is not None,
-    )  # fmt: skip
-
-
-def _alibi_args(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple:
-    """(pointer, batch stride, head stride) of float32 ALiBi slopes shaped (H,) or (Z, H)."""
-    if alibi is None:
-        return q, 0, 0
-    return (alibi, 0, alibi.stride(0)) if alibi.dim() == 1 else (alibi, alibi.stride(0), alibi.stride(1))
-
-
-def _tune_key(kind, q, k, v, bias_mode, flags) -> tuple:
+def _tune_key(kind, q, k, v, sc: Scores, win: Window, drop: Dropout) -> tuple:
     bucket = (triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]))
-    return (kind, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], bias_mode, *flags.values(), *bucket)
+    return (kind, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], *flags(sc, win, drop), *bucket)
+
+
+def _tile(q, k, v, cfg, tma: bool) -> Tile:
+    E, EV = q.shape[-1], v.shape[-1]
+    group = q.shape[1] // k.shape[1]
+    return tile_arg(group, E, EV, _block_d(E), _block_d(EV), cfg.block_m, cfg.block_n, _input_precision(q.dtype), tma)
 
 
 def attention_fwd(
@@ -190,71 +188,39 @@ def attention_fwd(
     varlen: Varlen | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log). ``alibi``:
     float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores. ``rotary``: q and k
     are turned by rotary embeddings inside the kernel (key j at ``rotary.offset + j``). ``varlen``: per-sequence
-    rows (L, S: the longest); then ``out`` (a view) and ``lse`` (addressed by ``varlen.lse_strides``) are given."""
+    rows (L, S: the longest); then ``out`` (a view) and ``lse`` (addressed by ``varlen.lse_strides``) are given.
+    ``softcap``: scaled scores s become ``softcap * tanh(s / softcap)``. ``sinks``: float32 (H,) logits that
+    join each row's softmax without a value (the LSE includes them)."""
     Z, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[-1]
     out = _new((Z, H, L, EV), q.dtype, q.device) if out is None else out
     lse = _new((Z, H, L), torch.float32, q.device) if lse is None else lse
-    b, sb, bias_mode = _bias_args(bias, q)
-    flags = _flags(mask, dropout_p, alibi)
+    sc = scores_arg(q, bias, alibi, softcap, sinks)
+    win, drop = window_arg(mask.offset, mask.left, mask.right), dropout_arg(dropout_p, seed, philox_offset)
+    rows = _rows(varlen, q, H, L, k)
 
     # Rotary loads each pair partner by permuted pointers; VARLEN rows are not a descriptor's 4-D box.
     tma = rotary is None and varlen is None and _tma_ok(k, v)
-    rot_args = (q, q, 0, 0)
+    rope = rotary_arg(q)
     if rotary is not None:
         # The kernel indexes table rows: key j is row j + max(0, L - S), query i row i + S - L + the same.
-        rot_args = (*_rotary_tables(rotary, L, S, q.device), rotary.dim, max(0, L - S))
+        tables = _rotary_tables(rotary, L, S, q.device)
+        rope = rotary_arg(q, tables, rotary.dim, max(0, L - S), rotary.interleaved)
 
     def launch(cfg):
         grid = (triton.cdiv(L, cfg.block_m), Z * H, 1 if varlen is None else varlen.splits)
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         record("attention_fwd", "_attention_fwd_kernel", "triton")
         _attention_fwd_kernel[grid](
-            q,
-            kk,
-            vv,
-            b,
-            out,
-            lse,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *sb,
-            *out.stride(),
-            H,
-            L,
-            S,
-            scale,
-            mask.offset,
-            mask.left or 0,
-            mask.right or 0,
-            dropout_p,
-            seed,
-            philox_offset,
-            *_alibi_args(alibi, q),
-            *rot_args,
-            **_seq_args(varlen, q, H, L),
-            **_split_args(varlen, q, k),
-            GROUP=H // k.shape[1],
-            HEAD_DK=E,
-            HEAD_DV=EV,
-            BLOCK_DK=_block_d(E),
-            BLOCK_DV=_block_d(EV),
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BIAS_MODE=bias_mode,
-            INPUT_PRECISION=_input_precision(q.dtype),
-            USE_TMA=cfg.tma,
-            HAS_ROTARY=rotary is not None,
-            ROT_INTERLEAVED=rotary is not None and rotary.interleaved,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **flags,
-        )
+            operand(q), operand(k, kk), operand(v, vv), operand(out), lse, H, L, S, scale, sc, win, drop, rope, rows,
+            _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
 
     bd, size = _block_d(max(E, EV)), q.element_size()
     if varlen is not None:
@@ -263,22 +229,33 @@ def attention_fwd(
         candidates = rotary_fwd_configs(bd, size)
     else:
         candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
-    key = _tune_key("fwd", q, k, v, bias_mode, flags) + (tma, rotary is not None, varlen is not None)
+    key = _tune_key("fwd", q, k, v, sc, win, drop) + (tma, rotary is not None, varlen is not None)
     cfg = pick(key, candidates, launch, q.device)
     launch(cfg)
     return out, lse
 
 
-def rowsum_do_o(out: torch.Tensor, do: torch.Tensor, shape, seq: dict) -> torch.Tensor:
+def rowsum_do_o(out: torch.Tensor, do: torch.Tensor, shape, rows: Rows) -> torch.Tensor:
     """delta = rowsum(dO * O), float32 of the LSE's ``shape``: the backward's pre-kernel (Triton's, also for the
-    Gluon backward). ``seq``: the ``_seq_args`` of the launch."""
+    Gluon backward). ``rows``: the ``_rows`` of the launch."""
     Z, H, L, EV = out.shape
     delta = _new(shape, torch.float32, out.device)
     record("attention_bwd", "_attention_bwd_preprocess_kernel", "triton")
     _attention_bwd_preprocess_kernel[(triton.cdiv(L, 64), Z * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, L, HEAD_DV=EV, BLOCK_M=64, BLOCK_DV=_block_d(EV), **seq
-    )  # fmt: skip
+        operand(out), operand(do), delta, H, L, rows, HEAD_DV=EV, BLOCK_M=64, BLOCK_DV=_block_d(EV)
+    )
     return delta
+
+
+def sinks_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """d loss / d sinks: the sink's probability exp(t - lse) times (0 - delta), delta = dO . O = sum_j P dP,
+    summed over every row of each head (``head_dim``: the heads' dim of the LSE / delta buffers); a plain
+    reduction, so deterministic. The sink has no value, so its dS is P_sink (0 - delta)."""
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p_sink = torch.exp(sinks.view(shape) - torch.where(torch.isneginf(lse), float("inf"), lse))
+    dims = [d for d in range(lse.dim()) if d != head_dim]
+    return -(p_sink * delta).sum(dims)
 
 
 def attention_bwd(
@@ -298,93 +275,43 @@ def attention_bwd(
     alibi: torch.Tensor | None = None,
     varlen: Varlen | None = None,
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v) and, when ``bias_grad``, the score gradient
-    ``dS`` as a float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions).
-    ``varlen``: as in the forward; ``grads`` are then the (dq, dk, dv) views to write."""
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v), when ``bias_grad`` the score gradient ``dS`` as a
+    float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions), and with ``sinks``
+    their float32 gradient. ``varlen``: as in the forward; ``grads`` are then the (dq, dk, dv) views to write."""
     Z, H, L, E = q.shape
     HK, S, EV = k.shape[1], k.shape[2], v.shape[-1]
     bd_k, bd_v = _block_d(E), _block_d(EV)
-    seq = _seq_args(varlen, q, H, L)
-    delta = rowsum_do_o(out, do, lse.shape, seq)
+    rows = _rows(varlen, q, H, L)
+    delta = rowsum_do_o(out, do, lse.shape, rows)
     if grads is None:
         grads = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)
     dq, dk, dv = grads
     # dS is written only on visible tiles; the skipped ones must read as 0.
     db = torch.zeros((Z, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else q
-    b, sb, bias_mode = _bias_args(bias, q)
-    flags = _flags(mask, dropout_p, alibi)
-    common = dict(
-        GROUP=H // HK,
-        HEAD_DK=E,
-        HEAD_DV=EV,
-        BLOCK_DK=bd_k,
-        BLOCK_DV=bd_v,
-        BIAS_MODE=bias_mode,
-        INPUT_PRECISION=_input_precision(q.dtype),
-        **flags,
-        **seq,
-    )
-    runtime = (H, L, S, scale, mask.offset, mask.left or 0, mask.right or 0, dropout_p, seed, philox_offset)
-    runtime += _alibi_args(alibi, q)
+    sc = scores_arg(q, bias, alibi, softcap, sinks)
+    win, drop = window_arg(mask.offset, mask.left, mask.right), dropout_arg(dropout_p, seed, philox_offset)
+    pdp = lse if sinks is None else _new(lse.shape, torch.float32, q.device)
 
     def launch_dkdv(cfg):
         qq, dd = (_descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)) if cfg.tma else (q, do)
         record("attention_bwd", "_attention_bwd_dkdv_kernel", "triton")
         _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
-            qq,
-            k,
-            v,
-            b,
-            dd,
-            lse,
-            delta,
-            dk,
-            dv,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *sb,
-            *do.stride(),
-            *dk.stride(),
-            *dv.stride(),
-            *runtime,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            USE_TMA=cfg.tma,
-            num_warps=cfg.num_warps,
+            operand(q, qq), operand(k), operand(v), operand(do, dd), lse, delta, operand(dk), operand(dv), H, L, S,
+            scale, sc, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            **common,
-        )
+        )  # fmt: skip
 
     def launch_dq(cfg):
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         record("attention_bwd", "_attention_bwd_dq_kernel", "triton")
         _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
-            q,
-            kk,
-            vv,
-            b,
-            do,
-            lse,
-            delta,
-            dq,
-            db,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *sb,
-            *do.stride(),
-            *dq.stride(),
-            *runtime,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BIAS_GRAD=bias_grad,
-            USE_TMA=cfg.tma,
-            num_warps=cfg.num_warps,
+            operand(q), operand(k, kk), operand(v, vv), operand(do), lse, delta, operand(dq), db, pdp, H, L, S,
+            scale, sc, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), BIAS_GRAD=bias_grad, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            **common,
-        )
+        )  # fmt: skip
 
     bd, size = max(bd_k, bd_v), q.element_size()
     tma_qdo, tma_kv = varlen is None and _tma_ok(q, do), varlen is None and _tma_ok(k, v)
@@ -393,9 +320,9 @@ def attention_bwd(
     if varlen is not None:
         dkdv_candidates, dq_candidates = varlen_configs("dkdv", bd, size), varlen_configs("dq", bd, size)
     vl = varlen is not None
-    dkdv_key = _tune_key("dkdv", q, k, v, bias_mode, flags) + (tma_qdo, vl)
+    dkdv_key = _tune_key("dkdv", q, k, v, sc, win, drop) + (tma_qdo, vl)
     launch_dkdv(pick(dkdv_key, dkdv_candidates, launch_dkdv, q.device))
-    launch_dq(
-        pick(_tune_key("dq", q, k, v, bias_mode, flags) + (tma_kv, bias_grad, vl), dq_candidates, launch_dq, q.device)
-    )
-    return dq, dk, dv, (db if bias_grad else None)
+    dq_key = _tune_key("dq", q, k, v, sc, win, drop) + (tma_kv, bias_grad, vl)
+    launch_dq(pick(dq_key, dq_candidates, launch_dq, q.device))
+    dsinks = None if sinks is None else sinks_grad(sinks, lse, pdp, 0 if vl else 1)
+    return dq, dk, dv, (db if bias_grad else None), dsinks

@@ -49,6 +49,8 @@ def attention_reference(
     keep: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
     alibi: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q kᵀ · scale + bias, masked) · v`` and its log-sum-exp.
 
@@ -56,7 +58,10 @@ def attention_reference(
     broadcastable to ``(Z, H, L, S)``, float (added) or bool (True = take part); ``alibi`` slopes (H,) or
     (Z, H) add ``-slope * |i + offset - j|``. Dropout draws from torch's
     RNG unless ``keep`` (bool, broadcastable to the scores) gives the kept elements. Fully masked rows give
-    0 and lse = -inf. Returns ``out`` in q's dtype and ``lse`` float32 ``(Z, H, L)``; autograd flows.
+    0 and lse = -inf. ``softcap`` c turns the scaled scores s into ``c tanh(s / c)`` before bias, ALiBi and
+    masks; ``sinks`` (H,) logits join each row's softmax without a value (they enter the LSE; a row with no
+    visible key gives 0 and lse = its sink). Returns ``out`` in q's dtype and ``lse`` float32 ``(Z, H, L)``;
+    autograd flows (to the sinks too).
     """
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -65,6 +70,8 @@ def attention_reference(
     if group > 1:
         kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else s + bias.to(cdt)
     if alibi is not None:  # slopes (H,) or (Z, H): -slope * |i + offset - j|
@@ -75,10 +82,17 @@ def attention_reference(
     ok = visible_mask(q.shape[-2], k.shape[-2], mask, q.device)
     if ok is not None:
         s = s.masked_fill(~ok, float("-inf"))
+    if sinks is not None:  # one more logit per row, without a value
+        s = torch.cat([s, sinks.to(cdt).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    # A fully masked row (every score -inf, e.g. by a float -inf bias) gives 0 and lse = -inf; its scores are
+    # replaced by 0 before the softmax so that no NaN (exp(-inf - (-inf))) reaches any gradient.
+    seen = (s > float("-inf")).any(-1, keepdim=True)
+    s = torch.where(seen, s, 0.0)
     lse = torch.logsumexp(s, dim=-1)
-    # exp(-inf - (-inf)) is NaN on fully masked rows: shift those rows by 0 so they give exactly 0.
-    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - shift[..., None])
+    p = torch.exp(s - lse[..., None]) * seen
+    lse = lse.masked_fill(~seen[..., 0], float("-inf"))
+    if sinks is not None:
+        p = p[..., :-1]
     if dropout_p > 0.0:
         if keep is None:
             keep = torch.rand_like(p) >= dropout_p

@@ -55,19 +55,19 @@ def _visible_ranges(
 
 
 @triton.jit
-def _sequence(SEQ, z, L, S, offset, VARLEN: tl.constexpr):
-    """Rows of sequence ``z``: ``(L, S, offset, q_row0, k_row0)``. Without VARLEN the batch's (rows start at 0
-    past the batch stride). With VARLEN, ``SEQ`` is int32 (Z, 5): first query row, query count, first key row,
-    key count, and an alignment added to ``offset`` (``S_z - L_z`` for bottom-right alignment) of each sequence:
-    packed batches, per-sequence key lengths of a cache, or a split of the keys."""
+def _sequence(rows, z, L, S, offset):
+    """Rows of sequence ``z``: ``(L, S, offset, q_row0, k_row0)``. Without ``rows.VARLEN`` the batch's (rows
+    start at 0 past the batch stride). With it, ``rows.seq`` is int32 (Z, 5): first query row, query count,
+    first key row, key count, and an alignment added to ``offset`` (``S_z - L_z`` for bottom-right alignment)
+    of each sequence: packed batches, per-sequence key lengths of a cache, or a split of the keys."""
     q_row0 = (z * 0).to(tl.int64)
     k_row0 = q_row0
-    if VARLEN:
-        q_row0 = tl.load(SEQ + z * 5).to(tl.int64)
-        L = tl.load(SEQ + z * 5 + 1)
-        k_row0 = tl.load(SEQ + z * 5 + 2).to(tl.int64)
-        S = tl.load(SEQ + z * 5 + 3)
-        offset = offset + tl.load(SEQ + z * 5 + 4)
+    if rows.VARLEN:
+        q_row0 = tl.load(rows.seq + z * 5).to(tl.int64)
+        L = tl.load(rows.seq + z * 5 + 1)
+        k_row0 = tl.load(rows.seq + z * 5 + 2).to(tl.int64)
+        S = tl.load(rows.seq + z * 5 + 3)
+        offset = offset + tl.load(rows.seq + z * 5 + 4)
     return L, S, offset, q_row0, k_row0
 
 
@@ -91,18 +91,71 @@ def _skip_if_past(start, length, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def _visible(i, j, L, S, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Element mask of the visibility rule; ``i`` and ``j`` broadcast against each other."""
+def _visible(i, j, L, S, offset, win):
+    """Element mask of the visibility rule ``win`` (its offset replaced by ``offset``, which varlen sequences
+    shift); ``i`` and ``j`` broadcast against each other."""
     ok = (i < L) & (j < S)
-    if HAS_LEFT:
-        ok = ok & (j >= i + offset - left)
-    if HAS_RIGHT:
-        ok = ok & (j <= i + offset + right)
+    if win.HAS_LEFT:
+        ok = ok & (j >= i + offset - win.left)
+    if win.HAS_RIGHT:
+        ok = ok & (j <= i + offset + win.right)
     return ok
 
 
 @triton.jit
-def _dropout_keep(seed, philox_offset, bh, i, j, dropout_p):
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1) through exp2 (no libdevice under the interpreter); saturates to +-1, no NaN.
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _alibi2(sc, z, h):
+    """ALiBi slope of head (z, h) in log2 units (0 without ALiBi)."""
+    a = 0.0
+    if sc.HAS_ALIBI:
+        a = tl.load(sc.alibi + z * sc.sal_z + h * sc.sal_h) * LOG2E
+    return a
+
+
+@triton.jit
+def _sink2(sc, h):
+    """Sink logit of query head h in log2 units (-inf without sinks: no extra term)."""
+    t = float("-inf")
+    if sc.HAS_SINKS:
+        t = tl.load(sc.sinks + h) * LOG2E
+    return t
+
+
+@triton.jit
+def _logits(qk, sc, b_base, alibi2, scale, i, j, L, S, offset, win, MASKED: tl.constexpr):
+    """The log2-domain logits of a tile of products q·k (rows ``i``, keys ``j``, broadcasting: the dK/dV
+    kernel passes the transposed tile), the one place the forward and both backward kernels modify scores:
+    scale, soft-capping ``c tanh(s / c)``, bias or bool mask (at ``b_base + i * sbm + j * sbn``), ALiBi, the
+    visibility rule. Returns ``(s, dcap)``: dcap = d(capped)/d(scaled), the backward's chain factor (1.0
+    without soft-capping)."""
+    dcap = 1.0
+    if sc.HAS_SOFTCAP:
+        t = _tanh(qk * (scale / sc.softcap))
+        s = t * (sc.softcap * LOG2E)
+        dcap = 1.0 - t * t
+    else:
+        s = qk * (scale * LOG2E)
+    if sc.BIAS_MODE != 0:
+        b_ptrs = b_base + i * sc.sbm + j * sc.sbn
+        b_ok = (i < L) & (j < S)
+        if sc.BIAS_MODE == 1:
+            s += tl.load(b_ptrs, mask=b_ok, other=0.0).to(tl.float32) * LOG2E
+        else:
+            s = tl.where(tl.load(b_ptrs, mask=b_ok, other=0) != 0, s, float("-inf"))
+    if sc.HAS_ALIBI:  # -slope * |i + offset - j|, in log2 units like the rest of s
+        s -= alibi2 * tl.abs((i + offset - j).to(tl.float32))
+    if MASKED:
+        s = tl.where(_visible(i, j, L, S, offset, win), s, float("-inf"))
+    return s, dcap
+
+
+@triton.jit
+def _dropout_keep(drop, bh, i, j):
     """Keep-mask of dropout for scores (i, j) of head ``bh``: Philox counters (j, i, bh, offset).
 
     Counting by coordinates (not a flat index) keeps every counter 32-bit at any size, and the forward and
@@ -112,9 +165,9 @@ def _dropout_keep(seed, philox_offset, bh, i, j, dropout_p):
     c0 = (j + zero).to(tl.uint32)
     c1 = (i + zero).to(tl.uint32)
     c2 = zero + bh.to(tl.uint32)
-    c3 = zero + philox_offset.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    c3 = zero + drop.philox_offset.to(tl.uint32)
+    r, _, _, _ = tl.philox(drop.seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= drop.p
 
 
 @triton.jit
