@@ -1,7 +1,7 @@
 """Public attention entry points: the SDPA drop-in and the native API.
 
 Both check their arguments before any kernel runs, bring them to the canonical ``(Z, H, L, E)`` layout of
-``fastattn.ops.attention_function`` (views, no copies, masks never broadcast in memory) and dispatch.
+``fastattn.ops.attention.function`` (views, no copies, masks never broadcast in memory) and dispatch.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _torch
 from ._backend import current_backend, use_triton
 from ._kernel_log import record
-from .ops.attention_function import attention_forward, triton_refusal
-from .ops.attention_launch import MaskSpec, RotarySpec
+from .mods import BlockMask, ScoreMod, as_mask_mod
+from .ops.attention.function import attention_forward
+from .ops.attention.spec import MaskSpec, RotarySpec
+from .ops.attention.support import triton_refusal
 from .posenc import RotaryEmbedding
 
 _SDPA = "scaled_dot_product_attention"
@@ -220,11 +222,11 @@ def scaled_dot_product_attention(
 
 
 def _measured_faster_in_torch(query, key, value, is_causal: bool) -> bool:
-    """Under ``auto`` on a GPU: whether the committed measurements (``ops.attention_choice``) found torch's own
+    """Under ``auto`` on a GPU: whether the committed measurements (``ops.attention.choice``) found torch's own
     SDPA fastest for this class of case (no mask: the class the benchmarks measure)."""
     if current_backend() != "auto" or query.shape[-1] != value.shape[-1]:
         return False
-    from .ops.attention_choice import measured_for
+    from .ops.attention.choice import measured_for
 
     return measured_for(query, key, value, is_causal) == "sdpa"
 
@@ -298,6 +300,9 @@ def attention(
     rotary_offset: int = 0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    score_mod: ScoreMod | None = None,
+    mask_mod=None,
+    block_mask: BlockMask | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused attention ``softmax(q kᵀ · scale + bias) v`` in the SDPA layout, with what SDPA lacks.
 
@@ -314,7 +319,10 @@ def attention(
     ``softcap * tanh(s / softcap)`` before bias, ALiBi and masks. ``sinks``: a float tensor ``(H,)`` of
     learnable sink logits (gpt-oss): each row's softmax gains one logit ``sinks[h]`` that carries no value,
     ``out_i = sum_j e^(s_ij) v_j / (e^(sinks[h]) + sum_j e^(s_ij))``; it gets its gradient, and the LSE
-    includes it (a row with no visible key gives 0 and lse = sinks[h]).
+    includes it (a row with no visible key gives 0 and lse = sinks[h]). ``score_mod`` (a
+    :class:`fastattn.ScoreMod`), ``mask_mod`` (a ``@triton.jit`` function or a :class:`fastattn.MaskMod`) and
+    ``block_mask`` (from :func:`fastattn.create_block_mask`): the user's own score and mask functions, run
+    inside the Triton kernels (see :mod:`fastattn.mods`).
     Returns ``out (N, H, L, Ev)``, and with ``return_lse`` also ``lse (N, H, L)`` float32, the natural
     log-sum-exp of the scaled, biased scores (-inf on rows with no visible key). Bad input: ValueError.
     """
@@ -339,9 +347,35 @@ def attention(
     rope = None if rotary is None else _check_rotary(api, rotary, rotary_offset, q)
     cap = check_softcap(api, softcap)
     sink = None if sinks is None else check_sinks(api, sinks, q)
+    sm, mm, bm = _check_mods(api, score_mod, mask_mod, block_mask, q, k)
     spec = MaskSpec(offset=S - L, left=left, right=right)
-    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi, rope, cap, sink)
+    out, lse = attention_forward(api, q, k, v, bias4, scale_f, spec, p, alibi, rope, cap, sink, sm, mm, bm)
     return (out, lse) if return_lse else out
+
+
+def _check_mods(api: str, score_mod, mask_mod, block_mask, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """(ScoreMod, MaskMod, BlockMask) checked against q and k; a block mask brings its mask function."""
+    if score_mod is not None and not isinstance(score_mod, ScoreMod):
+        raise TypeError(f"{api}(): argument 'score_mod' must be a fastattn.ScoreMod, not {type(score_mod).__name__}")
+    mm = as_mask_mod(mask_mod)
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"{api}(): argument 'block_mask' must come from fastattn.create_block_mask, not "
+                            f"{type(block_mask).__name__}")  # fmt: skip
+        if mm is not None and mm.fn is not block_mask.mask_mod.fn:
+            raise ValueError(f"{api}: block_mask was built from another mask function than mask_mod")
+        mm = mm or block_mask.mask_mod
+        N, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        bn, bh = block_mask.states.shape[:2]
+        if (block_mask.L, block_mask.S) != (L, S) or bn not in (1, N) or bh not in (1, H):
+            raise ValueError(f"{api}: block_mask is for (B, H, L, S) = ({bn}, {bh}, {block_mask.L}, {block_mask.S}), "
+                             f"the call has ({N}, {H}, {L}, {S})")  # fmt: skip
+        if block_mask.states.device != q.device:
+            raise ValueError(f"{api}: block_mask is on {block_mask.states.device}, q on {q.device}")
+    for name, aux in (("score_mod", getattr(score_mod, "aux", None)), ("mask_mod", getattr(mm, "aux", None))):
+        if aux is not None and (not isinstance(aux, torch.Tensor) or aux.device != q.device):
+            raise ValueError(f"{api}: the aux tensor of {name} must be a tensor on q's device ({q.device})")
+    return score_mod, mm, block_mask
 
 
 def check_softcap(api: str, softcap) -> float | None:

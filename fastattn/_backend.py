@@ -1,7 +1,7 @@
 """Backend choice: one place decides whether an op runs its CUDA C++, Gluon or Triton kernel, or PyTorch.
 
 ``auto`` takes Triton for CUDA tensors (for the SDPA drop-in, torch's own SDPA where the committed GPU
-measurements found it faster: ``ops.attention_choice``) and PyTorch on the CPU; ``triton`` asks for the Triton
+measurements found it faster: ``ops.attention.choice``) and PyTorch on the CPU; ``triton`` asks for the Triton
 kernels everywhere they can run (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``gluon`` asks for
 the Gluon kernels of the attention forward (sm_90, or the Gluon emulator under ``TRITON_INTERPRET=1``), then
 Triton for what they do not take; ``cuda`` asks for the CUDA C++ kernels of ``fastattn._C`` (CUDA tensors

@@ -33,12 +33,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .ops.attention_bwd_kernel import (
+from .ops.attention.bwd_kernel import (
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
 )
-from .ops.attention_configs import (
+from .ops.attention.configs import (
     Config,
     dkdv_configs,
     dq_configs,
@@ -49,12 +49,12 @@ from .ops.attention_configs import (
     tma_fwd_configs,
     varlen_configs,
 )
-from .ops.attention_fwd_kernel import _attention_fwd_kernel
-from .ops.norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
-from .ops.norm_launch import MAX_TILE
-from .ops.norm_launch import _warps as _norm_warps
-from .ops.posenc_function import sinusoidal_tiles
-from .ops.posenc_kernels import _rotary_kernel, _sinusoidal_kernel
+from .ops.attention.fwd_kernel import _attention_fwd_kernel
+from .ops.norm.kernels import _norm_bwd_kernel, _norm_fwd_kernel
+from .ops.norm.launch import MAX_TILE
+from .ops.norm.launch import _warps as _norm_warps
+from .ops.posenc.kernels import _rotary_kernel, _sinusoidal_kernel
+from .ops.posenc.launch import sinusoidal_tiles
 
 # atomics: atomic or reduction instructions (atom./red.) in the PTX; 0 means the kernel's result does not depend
 # on the order in which programs run (the deterministic-backward claim, checked without a GPU).
@@ -118,8 +118,8 @@ def _attention_launch(kernel: str, head_dim: int, dtype: str, cfg: Config, causa
     16, no bias, window, dropout or GQA; ``causal`` adds the right limit 0."""
     import torch
 
-    from .ops import attention_launch as launch
-    from .ops.attention_args import dropout_arg, operand, rotary_arg, scores_arg, window_arg
+    from .ops.attention import launch as launch
+    from .ops.attention.args import dropout_arg, mods_arg, operand, rotary_arg, scores_arg, window_arg
 
     fn = KERNELS[kernel]
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -139,6 +139,7 @@ def _attention_launch(kernel: str, head_dim: int, dtype: str, cfg: Config, causa
         consts = dict(HEAD_DV=head_dim, BLOCK_M=cfg.block_m, BLOCK_DV=_block_d(head_dim))
         return fn, [operand(out), operand(out), lse, H, L, rows], consts
     sc, win = scores_arg(q, None, None, None, None), window_arg(0, None, 0 if causal else None)
+    mods = mods_arg(q)
     drop, tile = dropout_arg(0.0, 0, 0), launch._tile(q, k, v, cfg, cfg.tma)
     rows_desc = cfg.block_m if kernel.startswith("attention_bwd_dkdv") else cfg.block_n
     desc = (lambda t: launch._descriptor(t, rows_desc)) if cfg.tma else (lambda t: t)  # noqa: E731
@@ -146,13 +147,13 @@ def _attention_launch(kernel: str, head_dim: int, dtype: str, cfg: Config, causa
         rope = rotary_arg(q)
         if kernel == "attention_fwd_rotary":
             rope = rotary_arg(q, (torch.empty(2 * L, head_dim // 2),) * 2, head_dim, 0, False)
-        return fn, [operand(q), operand(k, desc(k)), operand(v, desc(v)), operand(out), lse, H, L, L, 0.1, sc, win,
-                    drop, rope, rows, tile], {}  # fmt: skip
+        return fn, [operand(q), operand(k, desc(k)), operand(v, desc(v)), operand(out), lse, H, L, L, 0.1, sc, mods,
+                    win, drop, rope, rows, tile], {}  # fmt: skip
     if kernel.startswith("attention_bwd_dkdv"):
         return fn, [operand(q, desc(q)), operand(k), operand(v), operand(out, desc(out)), lse, lse, operand(k),
-                    operand(v), H, L, L, 0.1, sc, win, drop, rows, tile], {}  # fmt: skip
+                    operand(v), H, L, L, 0.1, sc, mods, win, drop, rows, tile], {}  # fmt: skip
     return fn, [operand(q), operand(k, desc(k)), operand(v, desc(v)), operand(out), lse, lse, operand(q), q, lse, H, L,
-                L, 0.1, sc, win, drop, rows, tile], dict(BIAS_GRAD=False)  # fmt: skip
+                L, 0.1, sc, mods, win, drop, rows, tile], dict(BIAS_GRAD=False)  # fmt: skip
 
 
 def jit_source(fn, args: list, kwargs: dict, capability: int) -> ASTSource:
@@ -274,14 +275,14 @@ def _gluon_launch(kernel: str, head_dim: int, dtype: str, causal: bool):
     """(JIT function, example arguments, constexprs, label) of a Gluon kernel as its launcher calls it."""
     import torch
 
-    from .ops import attention_gluon as launch
+    from .ops.attention import gluon as launch
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     x = torch.empty(2, 4, 1024, head_dim, dtype=tdt)  # shapes do not matter: the kernels take them at run time
     f32 = torch.empty(2, 4, 1024)
     flags = dict(HAS_LEFT=False, HAS_RIGHT=causal, LOADER_REGS=launch.LOADER_REGS, CONSUMER_REGS=launch.CONSUMER_REGS)
     if kernel == "attention_fwd_gluon":
-        from .ops.attention_gluon_fwd import attention_fwd_gluon_kernel as fn
+        from .ops.attention.gluon_fwd import attention_fwd_gluon_kernel as fn
 
         block_n, stages = launch._tiles(head_dim)
         descs = [launch._descriptor(x, launch.BLOCK_M)] + [launch._descriptor(x, block_n)] * 2
@@ -289,7 +290,7 @@ def _gluon_launch(kernel: str, head_dim: int, dtype: str, causal: bool):
         consts = dict(flags, HEAD_DV=head_dim, BLOCK_M=launch.BLOCK_M, BLOCK_N=block_n, STAGES=stages)
         label = f"M2x{launch.BLOCK_M}-N{block_n}-s{stages}-ws"
     else:
-        from .ops.attention_gluon_bwd import attention_bwd_gluon_kernel as fn
+        from .ops.attention.gluon_bwd import attention_bwd_gluon_kernel as fn
 
         bm, bn, split_d = launch.bwd_blocks(head_dim)
         descs = [launch._descriptor(x, bm)] * 2 + [launch._descriptor(x, bn if split_d else bn // 2)] * 2

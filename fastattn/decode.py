@@ -7,9 +7,9 @@ import torch
 from ._attention import _autocast, _check_alibi, _check_scale, check_sinks, check_softcap
 from ._backend import triton_only, use_triton
 from ._kernel_log import record
-from .ops.attention_function import triton_refusal
-from .ops.attention_launch import MaskSpec, Varlen, attention_fwd
-from .ops.attention_reference import attention_reference
+from .ops.attention.reference import attention_reference
+from .ops.attention.spec import MaskSpec, Varlen
+from .ops.attention.support import triton_refusal
 from .posenc import RotaryEmbedding, apply_rotary
 
 _API = "decode_attention"
@@ -189,6 +189,8 @@ def decode_attention(
 
 def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits, block_table, s_max, softcap=None,
                     sinks=None):  # fmt: skip
+    from .ops.attention.launch import attention_fwd  # triton: only on the kernels' path
+
     N, H, L, E = q.shape
     HK = k_cache.shape[1]
     if L == 1 and H > HK and alibi is None and sinks is None:

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 import fastattn
 from fastattn._backend import triton_only, use_triton
-from fastattn.ops.attention_function import triton_refusal
-from fastattn.ops.attention_launch import MaskSpec
+from fastattn.ops.attention.spec import MaskSpec
+from fastattn.ops.attention.support import triton_refusal
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -66,7 +66,7 @@ def _block_bwd(do, q, k, v, out, lse, scale, diagonal):
     (as the forward's blocks do), the formula elsewhere."""
     if use_triton("ring_attention", q.device, triton_refusal(q, v)):
         triton_only("ring_attention backward")  # the CUDA C++ backward takes no outside log-sum-exp
-        from fastattn.ops.attention_launch import attention_bwd
+        from fastattn.ops.attention.launch import attention_bwd
 
         mask = MaskSpec(offset=0, right=0) if diagonal else MaskSpec()
         dq, dk, dv, _, _ = attention_bwd(do, q, k, v, out.to(q.dtype), lse.contiguous(), None, scale, mask)

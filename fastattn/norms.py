@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._backend import warn_once
-from .ops.norm_function import norm_forward
+from .ops.norm.function import norm_forward
 
 Shape = Union[int, list, tuple, torch.Size]
 

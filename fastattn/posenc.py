@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops.posenc_function import rotary_forward, sinusoidal_forward
+from .ops.posenc.function import rotary_forward, sinusoidal_forward
 
 
 def _check_offset(api: str, offset) -> int:

@@ -6,8 +6,9 @@ import torch
 
 from ._attention import _autocast, _check_dropout, _check_scale, _check_window, check_sinks, check_softcap
 from ._backend import triton_only, use_triton
-from .ops.attention_function import dropout_seed, triton_refusal
-from .ops.varlen_function import varlen_reference
+from .ops.attention.support import triton_refusal
+from .ops.attention.varlen import varlen_reference
+from .ops.common import dropout_seed
 
 _API = "varlen_attention"
 

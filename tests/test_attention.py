@@ -247,7 +247,7 @@ def test_nan_propagates_on_triton_path():
 def test_descriptor_and_pointer_loads(monkeypatch, tma):
     """Both ways the kernels load tiles: tensor descriptors (16-bit, aligned; the copy engine on Hopper) and
     pointers with masks. Head dim 80 and ragged lengths make the descriptors' zero fill do real work."""
-    import fastattn.ops.attention_launch as launch
+    import fastattn.ops.attention.launch as launch
 
     made = []
     real = launch._descriptor

@@ -1,4 +1,4 @@
-"""auto's choice by measurement (fastattn/ops/attention_choice.json, built by tools/choice_table.py from the
+"""auto's choice by measurement (fastattn/ops/attention/choice.json, built by tools/choice_table.py from the
 committed GPU runs): where torch's SDPA measured fastest, the drop-in runs it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from helpers import DEVICE
 
 import fastattn
-from fastattn.ops.attention_choice import measured_choice
+from fastattn.ops.attention.choice import measured_choice
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import choice_table  # noqa: E402
@@ -20,7 +20,7 @@ import choice_table  # noqa: E402
 
 def test_the_committed_table_is_what_the_committed_runs_say():
     """The table in the package is the tool's output on the results files it names (nobody edited it)."""
-    table = json.loads((Path(fastattn.__file__).parent / "ops" / "attention_choice.json").read_text())
+    table = json.loads((Path(fastattn.__file__).parent / "ops" / "attention" / "choice.json").read_text())
     root = Path(__file__).parents[1]
     assert choice_table.build("sm90", [str(root / f) for f in table["source"]])["classes"] == table["classes"]
 
@@ -61,7 +61,7 @@ def test_the_drop_in_runs_torch_where_torch_measured_fastest():
 def test_auto_takes_the_gluon_kernels_for_a_class_they_won(monkeypatch):
     """Where the table names gluon, auto runs the Gluon kernels (here: the emulator, with the table's answer
     stubbed for CPU tensors); where it names nothing, the default path runs."""
-    from fastattn.ops import attention_choice
+    from fastattn.ops.attention import choice as attention_choice
 
     q, k, v = (torch.randn(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3))
     monkeypatch.setattr(attention_choice, "measured_for", lambda q, k, v, causal: "gluon" if causal else None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
-from fastattn.ops import attention_configs as configs
+from fastattn.ops.attention import configs
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,7 @@ def test_forced_gpu_config(run_id, dtype, bd, mode, chosen, monkeypatch):
 
     import fastattn
     from fastattn import _torch
-    from fastattn.ops import attention_launch
+    from fastattn.ops.attention import launch as attention_launch
 
     if DEVICE.type == "cuda" and os.environ.get("FASTATTN_TEST_CONFIGS") != "1":
         pytest.skip("on a GPU these compile ~100 kernels: benchmarks/device_check.sh runs them in a step of their "

@@ -6,8 +6,8 @@ import torch
 from helpers import DEVICE, assert_close, randn
 
 import fastattn
-from fastattn.ops.attention_launch import MaskSpec
-from fastattn.ops.attention_reference import attention_reference
+from fastattn.ops.attention.reference import attention_reference
+from fastattn.ops.attention.spec import MaskSpec
 
 P = 0.3
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import DEVICE, randn
 
 import fastattn
-import fastattn.ops.attention_function as attention_function
+import fastattn.ops.attention.launch as attention_launch
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def no_kernel(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was rejected")
 
-    monkeypatch.setattr(attention_function, "attention_fwd", launched)
+    monkeypatch.setattr(attention_launch, "attention_fwd", launched)
 
 
 def _qkv(L=5, S=6, E=8, H=2, dtype=torch.float32):

@@ -81,8 +81,8 @@ def test_gluon_forward_and_backward(shape, kw, dtype):
 def test_head_dim_256_backward_in_the_emulator(causal):
     """The SPLIT_D backward (d=256: the consumers split dK/dV columns and exchange partial S^T / dP^T through
     shared memory), launched directly: the dispatch does not take it yet (it spills 2 words on sm_90)."""
-    from fastattn.ops.attention_gluon import attention_bwd_gluon, attention_fwd_gluon
-    from fastattn.ops.attention_launch import MaskSpec
+    from fastattn.ops.attention.gluon import attention_bwd_gluon, attention_fwd_gluon
+    from fastattn.ops.attention.spec import MaskSpec
 
     L, S = 40, 70
     q, k, v = randn(1, 2, L, 256, dtype=torch.bfloat16), *(randn(1, 1, S, 256, dtype=torch.bfloat16) for _ in "kv")
@@ -123,11 +123,11 @@ def test_cases_it_does_not_take_step_down_with_the_reason(dtype, E, why):
 
 
 def _barrier_line(name: str, kernel: str) -> int:
-    """The source line of ``kernel`` (module fastattn.ops.<kernel>) that allocates barrier array ``name`` (the
-    emulator names barriers by the line that allocates them)."""
+    """The source line of ``kernel`` (module fastattn.ops.attention.<kernel>) that allocates barrier array
+    ``name`` (the emulator names barriers by the line that allocates them)."""
     import importlib
 
-    src = importlib.import_module(f"fastattn.ops.{kernel}")
+    src = importlib.import_module(f"fastattn.ops.attention.{kernel}")
     lines = open(src.__file__).read().splitlines()
     return next(i + 1 for i, line in enumerate(lines) if line.strip().startswith(f"{name} = gl.allocate_shared"))
 
@@ -135,8 +135,8 @@ def _barrier_line(name: str, kernel: str) -> int:
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the emulator's check: on a GPU a skipped wait is a silent race")
 @pytest.mark.parametrize(
     "kernel,barrier",
-    [("attention_gluon_fwd", b) for b in ("q_ready", "k_ready", "v_ready", "kv_empty")]
-    + [("attention_gluon_bwd", b) for b in ("kv_ready", "qdo_ready", "qdo_empty")],
+    [("gluon_fwd", b) for b in ("q_ready", "k_ready", "v_ready", "kv_empty")]
+    + [("gluon_bwd", b) for b in ("kv_ready", "qdo_ready", "qdo_empty")],
 )
 def test_a_skipped_wait_is_caught(monkeypatch, kernel, barrier):
     """Drop the first wait on one of the kernel's barrier arrays that orders something (not the free pass of
@@ -174,12 +174,12 @@ def test_info_reports_the_gluon_backend():
 def test_a_skipped_exchange_wait_is_caught(monkeypatch):
     """The d=256 backward's consumers hand partial sums over on the xchg barriers: drop the first of those
     waits and the emulator reports the read of the other consumer's partial as unordered."""
-    from fastattn.ops.attention_gluon import attention_bwd_gluon, attention_fwd_gluon
-    from fastattn.ops.attention_launch import MaskSpec
+    from fastattn.ops.attention.gluon import attention_bwd_gluon, attention_fwd_gluon
+    from fastattn.ops.attention.spec import MaskSpec
     from fastattn.testing import DeadlockError, RaceError, gluon_emulator
 
     real, skipped = gluon_emulator._MBARRIER.wait, []
-    where = f"attention_gluon_bwd.py:{_barrier_line('xchg', 'attention_gluon_bwd')}["
+    where = f"gluon_bwd.py:{_barrier_line('xchg', 'gluon_bwd')}["
 
     def wait(bar, phase, pred=True, deps=()):
         if not skipped and where in gluon_emulator._barrier(bar).name:

@@ -10,7 +10,7 @@ from helpers import DEVICE, randn
 
 import fastattn
 import fastattn._backend as backend_mod
-import fastattn.ops.attention_function as attention_function
+import fastattn.ops.attention.launch as attention_launch
 
 
 def test_context_manager_nests_and_restores(monkeypatch):
@@ -39,13 +39,13 @@ def test_unknown_backend_name():
 
 def _count_kernel_calls(monkeypatch):
     calls = []
-    real = attention_function.attention_fwd
+    real = attention_launch.attention_fwd
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_function, "attention_fwd", counting)
+    monkeypatch.setattr(attention_launch, "attention_fwd", counting)
     return calls
 
 

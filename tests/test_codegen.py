@@ -50,7 +50,7 @@ def test_gluon_kernels_are_warp_specialized_without_spills(rows, kernel, head_di
     """The Gluon kernels as compiled for sm_90: a loader partition and consumer warpgroups each under its own
     register budget (setmaxnreg), wgmma with a group kept in flight while waiting, no spills, shared memory in
     the budget. (The backward at head dim 256 is not written: it steps down to Triton.)"""
-    from fastattn.ops.attention_gluon import CONSUMER_REGS, LOADER_REGS
+    from fastattn.ops.attention.gluon import CONSUMER_REGS, LOADER_REGS
 
     mine = [r for r in rows if r["kernel"].split("[")[0] == kernel and r["dtype"] == "bf16"]
     mine = [r for r in mine if r["head_dim"] in head_dims]
@@ -93,7 +93,7 @@ def test_matmul_kernels_use_wgmma_without_spills(rows, kernel):
 def test_head_dim_256_backward_is_refused_exactly_while_it_spills(rows):
     """The d=256 Gluon backward (SPLIT_D) compiles warp-specialized with async wgmma, but while any of its rows
     spills the dispatch refuses it (and says so); once it compiles clean this fails: take it then."""
-    from fastattn.ops import attention_gluon
+    from fastattn.ops.attention import gluon as attention_gluon
 
     mine = [r for r in rows if r["kernel"].startswith("attention_bwd_gluon") and r["head_dim"] == 256]
     assert mine and all("error" not in r and r["wgmma_async"] and r["num_warps"] == 12 for r in mine), mine

@@ -158,7 +158,8 @@ def test_custom_ops_pass_opcheck(name):
         q, k, v = (randn(1, 2, 12, 16, requires_grad=True) for _ in range(3))
         op = torch.ops.fastattn.attention_fwd.default
         sinks, cap = (randn(2, requires_grad=True), 3.0) if name == "attention_sinks" else (None, None)
-        args = (q, k, v, None, None, sinks, seed, 0.25, cap, 0, None, 0, 0.0, 0, 10000.0, False, 0, "triton")
+        args = (q, k, v, None, None, sinks, None, None, None, seed, 0.25, cap, "", 0, None, 0, 0.0, 0, 10000.0, False,
+                0, "triton")  # fmt: skip
     elif name == "norm":
         x, w = randn(6, 32, requires_grad=True), randn(32, requires_grad=True)
         op, args = torch.ops.fastattn.norm_fwd.default, (x, None, w, None, seed, 32, 1e-5, False, 0.0, "triton")
@@ -173,7 +174,7 @@ def test_custom_ops_pass_opcheck(name):
 def test_autocast_to_float32_keeps_the_parameters(monkeypatch):
     """Where the device's policy runs norms in float32 (CUDA), low-precision inputs go up to float32 and the
     weight and bias come along; the CPU policy never asks for it, so the policy is forced here."""
-    from fastattn.ops import norm_function
+    from fastattn.ops.norm import function as norm_function
 
     monkeypatch.setattr(norm_function, "_autocast_dtype", lambda x, shape, is_rms: torch.float32)
     x = randn(6, 32, dtype=torch.bfloat16)

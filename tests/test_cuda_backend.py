@@ -21,9 +21,9 @@ from helpers import DEVICE, randn
 
 import fastattn
 from fastattn import _backend
-from fastattn.ops.attention_args import dropout_arg
-from fastattn.ops.attention_cuda import cuda_refusal, key_padding_mask
-from fastattn.ops.attention_tiles import _dropout_keep
+from fastattn.ops.attention.args import dropout_arg
+from fastattn.ops.attention.cuda import cuda_refusal, key_padding_mask
+from fastattn.ops.attention.tiles import _dropout_keep
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -186,7 +186,7 @@ def test_cuda_backend_steps_down_to_triton_with_the_reason(monkeypatch):
 
 
 def test_cuda_norm_refusals_name_the_reason():
-    from fastattn.ops.norm_cuda import cuda_refusal as norm_refusal
+    from fastattn.ops.norm.cuda import cuda_refusal as norm_refusal
 
     _ext()
     x = torch.empty(4, 8200, dtype=torch.bfloat16, requires_grad=True)

@@ -13,10 +13,12 @@ from helpers import DEVICE, assert_close, cuda_backend_skip, grad_out, randn, to
 
 import fastattn
 from fastattn import _torch
-from fastattn.ops import attention_cuda, norm_cuda, posenc_cuda
-from fastattn.ops.attention_launch import MaskSpec, attention_fwd
-from fastattn.ops.attention_reference import attention_reference
-from fastattn.ops.posenc_function import rotary_reference, sinusoidal_table
+from fastattn.ops.attention import cuda as attention_cuda
+from fastattn.ops.attention.launch import MaskSpec, attention_fwd
+from fastattn.ops.attention.reference import attention_reference
+from fastattn.ops.norm import cuda as norm_cuda
+from fastattn.ops.posenc import cuda as posenc_cuda
+from fastattn.ops.posenc.reference import rotary_reference, sinusoidal_table
 
 pytestmark = pytest.mark.skipif(cuda_backend_skip() is not None, reason=str(cuda_backend_skip()))
 

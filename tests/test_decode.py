@@ -176,12 +176,12 @@ def test_default_split_choice():
 def test_default_splits_run_in_the_kernel(monkeypatch):
     """Without num_splits the launch takes default_splits' choice (the interpreter stands in 8 SMs): here 4
     splits, merged into the unsplit result."""
-    from fastattn.ops import attention_launch
+    from fastattn.ops.attention import launch as attention_launch
 
     seen = []
     real = attention_launch.attention_fwd
     monkeypatch.setattr(
-        "fastattn.decode.attention_fwd", lambda *a, **k: seen.append(k["varlen"].splits) or real(*a, **k)
+        attention_launch, "attention_fwd", lambda *a, **k: seen.append(k["varlen"].splits) or real(*a, **k)
     )
     lengths = [1000]
     q, k_cache, v_cache, k_new, v_new, seqlens = _setup(lengths, 1, H=4, HK=4, S_max=1024, seed=7)

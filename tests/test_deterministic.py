@@ -25,9 +25,9 @@ def deterministic():
 
 
 def _grads(backend: str, dtype, **kw):
-    q, k, v = (randn(2, 4, 50, 64, dtype=dtype, requires_grad=True) for _ in range(3))
-    sinks = randn(4, requires_grad=True)
-    dout = randn(2, 4, 50, 64, dtype=dtype)
+    q, k, v = (randn(1, 2, 40, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    sinks = randn(2, requires_grad=True)
+    dout = randn(1, 2, 40, 32, dtype=dtype)
     runs = []
     for _ in range(2):
         with fastattn.backend(backend):
@@ -40,7 +40,7 @@ def _grads(backend: str, dtype, **kw):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_backward_is_bitwise_repeatable(deterministic, backend, dtype):
-    kw = dict(causal=True, softcap=20.0, dropout_p=0.2, window=(30, None))
+    kw = dict(causal=True, softcap=20.0, dropout_p=0.2, window=(25, None))
     first, second = _grads(backend, dtype, **kw)
     for a, b in zip(first, second):
         assert torch.equal(a, b)

@@ -90,7 +90,7 @@ def test_rms_norm(rows, hidden, dtype, backend):
 def test_single_tile_rows_of_the_gpu_widths(rows, hidden, dtype, monkeypatch):
     """Rows of 257..8192 elements in one tile, as a GPU runs them (the interpreter otherwise walks rows wider
     than 256 in tiles), layer norm and RMSNorm, forward and backward."""
-    from fastattn.ops import norm_launch
+    from fastattn.ops.norm import launch as norm_launch
 
     monkeypatch.setattr(norm_launch, "INTERPRETER_TILE", norm_launch.MAX_TILE)
     assert norm_launch._tile(hidden) == (triton.next_power_of_2(hidden), 1)

@@ -156,8 +156,8 @@ def test_varlen_dropout_one_mask_for_forward_and_backward():
     """Dropout in the VARLEN mode: the kept fraction is 1 - p, and the backward uses the forward's mask (read
     off through an identity value matrix per sequence, then checked against a float64 reference with that mask,
     outputs and gradients)."""
-    from fastattn.ops.attention_launch import MaskSpec
-    from fastattn.ops.attention_reference import attention_reference
+    from fastattn.ops.attention.reference import attention_reference
+    from fastattn.ops.attention.spec import MaskSpec
 
     p, H, E, lens = 0.3, 2, 16, [37, 1, 50]
     gen = torch.Generator().manual_seed(11)

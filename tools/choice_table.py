@@ -1,9 +1,9 @@
-"""Build fastattn's measured attention choice table (``fastattn/ops/attention_choice.json``) from GPU benchmark
+"""Build fastattn's measured attention choice table (``fastattn/ops/attention/choice.json``) from GPU benchmark
 results: for each class of case (architecture, dtype, head dim, causal or not; forward alone, or forward and
 backward), the implementation with the least total time over the sequence lengths every candidate ran.
 
   python tools/choice_table.py --arch sm90 benchmarks/results/h200-run1-attention.json \
-      benchmarks/results/h200-run2-attention.json > fastattn/ops/attention_choice.json
+      benchmarks/results/h200-run2-attention.json > fastattn/ops/attention/choice.json
 
 Later files override earlier ones for the same implementation and shape (newer code). Implementation names map
 to what ``auto`` can run: ``fastattn`` (the Triton kernels) -> ``triton``, ``fastattn-gluon`` -> ``gluon``, any

@@ -20,7 +20,7 @@ import torch
 
 import fastattn
 from fastattn import _torch
-from fastattn.ops.attention_configs import tuned_configs
+from fastattn.ops.attention.configs import tuned_configs
 
 from .common import kernel_backends, on_backend, time_ms
 from .report import report

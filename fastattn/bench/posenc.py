@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import fastattn
-from fastattn.ops.posenc_function import inv_freq, sinusoidal_table
+from fastattn.ops.posenc.reference import inv_freq, sinusoidal_table
 
 from .common import kernel_backends, on_backend, time_ms
 from .report import report

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import _torch
-from fastattn.ops.posenc_function import inv_freq, sinusoidal_table
+from fastattn.ops.posenc.reference import inv_freq, sinusoidal_table
 
 IMPLS = ("fastattn", "torch")
 

@@ -11,7 +11,7 @@ Three launches, no atomics, so gradients are bit-identical run to run:
 import triton
 import triton.language as tl
 
-from .attention_tiles import (
+from .tiles import (
     LOG2E,
     _alibi2,
     _dropout_keep,
@@ -50,38 +50,49 @@ def _lse_log2(lse):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, b_base, lse_base, delta_base, start_m, end_m, offs_n, Q, DO, L, S,
-                offset, z, h, bh, alibi2, scale, sc, win, drop, t: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+                offset, z, h, bh, alibi2, scale, sc, mods, bm_head, win, drop, t: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
     offs_dk = tl.arange(0, t.BLOCK_DK)
     offs_dv = tl.arange(0, t.BLOCK_DV)
     for m0 in range(start_m, end_m, t.BLOCK_M):
-        offs_m = tl.multiple_of(m0, t.BLOCK_M) + tl.arange(0, t.BLOCK_M)
-        q_ok = offs_m < L
-        q = _load_rows(q_base, z, h, m0, offs_m, offs_dk, Q.sn, Q.sd, L, t.HEAD_DK, t.BLOCK_M, t.BLOCK_DK, t.USE_TMA)
-        lse2 = _lse_log2(tl.load(lse_base + offs_m, mask=q_ok, other=0.0))
-        # Transposed scores (keys x queries), so that dV and dK come out of plain row-major products.
-        qk = tl.dot(k, tl.trans(q), input_precision=t.INPUT_PRECISION)
-        s, dcap = _logits(qk, sc, b_base, alibi2, scale, offs_m[None, :], offs_n[:, None], L, S, offset, win, MASKED)
-        p = tl.math.exp2(s - lse2[None, :])
-        do = _load_rows(do_base, z, h, m0, offs_m, offs_dv, DO.sn, DO.sd, L, t.HEAD_DV, t.BLOCK_M, t.BLOCK_DV,
-                        t.USE_TMA)  # fmt: skip
-        dp = tl.dot(v, tl.trans(do), input_precision=t.INPUT_PRECISION)
-        if drop.ON:
-            keep = _dropout_keep(drop, bh, offs_m[None, :], offs_n[:, None])
-            inv_keep = 1.0 / (1.0 - drop.p)
-            dv += tl.dot(tl.where(keep, p * inv_keep, 0.0).to(do.dtype), do, input_precision=t.INPUT_PRECISION)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        else:
-            dv += tl.dot(p.to(do.dtype), do, input_precision=t.INPUT_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
-        ds = p * (dp - delta[None, :])
-        if sc.HAS_SOFTCAP:
-            ds = ds * dcap
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=t.INPUT_PRECISION)
+        state = 1  # the block mask's state of this tile (see the forward)
+        run = True
+        if mods.HAS_BLOCK_MASK:
+            state = tl.load(mods.bm + bm_head + (m0 // mods.BM_BLOCK) * mods.sbm_m).to(tl.int32)
+            run = state != 0
+        if run:
+            offs_m = tl.multiple_of(m0, t.BLOCK_M) + tl.arange(0, t.BLOCK_M)
+            q_ok = offs_m < L
+            q = _load_rows(
+                q_base, z, h, m0, offs_m, offs_dk, Q.sn, Q.sd, L, t.HEAD_DK, t.BLOCK_M, t.BLOCK_DK, t.USE_TMA
+            )
+            lse2 = _lse_log2(tl.load(lse_base + offs_m, mask=q_ok, other=0.0))
+            # Transposed scores (keys x queries), so that dV and dK come out of plain row-major products.
+            qk = tl.dot(k, tl.trans(q), input_precision=t.INPUT_PRECISION)
+            s, dmod = _logits(qk, sc, mods, b_base, alibi2, scale, z, h, offs_m[None, :], offs_n[:, None], L, S,
+                              offset, win, state, MASKED)  # fmt: skip
+            p = tl.math.exp2(s - lse2[None, :])
+            do = _load_rows(do_base, z, h, m0, offs_m, offs_dv, DO.sn, DO.sd, L, t.HEAD_DV, t.BLOCK_M, t.BLOCK_DV,
+                            t.USE_TMA)  # fmt: skip
+            dp = tl.dot(v, tl.trans(do), input_precision=t.INPUT_PRECISION)
+            if drop.ON:
+                keep = _dropout_keep(drop, bh, offs_m[None, :], offs_n[:, None])
+                inv_keep = 1.0 / (1.0 - drop.p)
+                dv += tl.dot(tl.where(keep, p * inv_keep, 0.0).to(do.dtype), do, input_precision=t.INPUT_PRECISION)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                dv += tl.dot(p.to(do.dtype), do, input_precision=t.INPUT_PRECISION)
+            delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
+            ds = p * (dp - delta[None, :])
+            if sc.HAS_SOFTCAP or mods.HAS_SCORE_MOD:
+                ds = ds * dmod
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=t.INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, H, L, S, scale, sc, win, drop, rows, t: tl.constexpr):
+def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, H, L, S, scale, sc, mods, win, drop, rows,
+                               t: tl.constexpr):  # fmt: skip
     """Grid ``(cdiv(S, BLOCK_N), Z * H // GROUP)``: dK, dV of one key tile of one key/value head. LSE and
     DELTA at ``z * slse_z + h * slse_h + row``; VARLEN as in the forward kernel."""
     pid_n = tl.program_id(0)
@@ -128,6 +139,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, H, L, S, scale, 
         b_base = sc.bias + z64 * sc.sbz + h.to(tl.int64) * sc.sbh
         lse_base = LSE + z64 * rows.slse_z + h.to(tl.int64) * rows.slse_h + q_row0
         delta_base = DELTA + z64 * rows.slse_z + h.to(tl.int64) * rows.slse_h + q_row0
+        bm_head = z * mods.sbm_z + h * mods.sbm_h + start_n // mods.BM_BLOCK  # this program's keys: one tile column
         # Regions [lo, full_lo) and [full_hi, hi) cross a mask edge and pay for the element mask; the middle
         # region [full_lo, full_hi) runs unmasked. Unrolled at compile time, so MASKED stays a constexpr.
         for region in tl.static_range(3):
@@ -139,7 +151,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, H, L, S, scale, 
                 r_start, r_end = full_hi, hi
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, q_base, do_base, b_base, lse_base, delta_base, r_start, r_end, offs_n, Q, DO, L, S,
-                offset, z, h, bh, alibi2, scale, sc, win, drop, t, region != 1,
+                offset, z, h, bh, alibi2, scale, sc, mods, bm_head, win, drop, t, region != 1,
             )  # fmt: skip
     dk *= scale
     tl.store(
@@ -156,34 +168,45 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, H, L, S, scale, 
 
 @triton.jit
 def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, b_base, db_base, start_n, end_n, offs_m, K, V, L, S, offset,
-              z, hk, bh, alibi2, scale, sc, win, drop, t: tl.constexpr, BIAS_GRAD: tl.constexpr,
+              z, h, hk, bh, alibi2, scale, sc, mods, bm_row, win, drop, t: tl.constexpr, BIAS_GRAD: tl.constexpr,
               MASKED: tl.constexpr):  # fmt: skip
     offs_dk = tl.arange(0, t.BLOCK_DK)
     offs_dv = tl.arange(0, t.BLOCK_DV)
     for n0 in range(start_n, end_n, t.BLOCK_N):
-        offs_n = tl.multiple_of(n0, t.BLOCK_N) + tl.arange(0, t.BLOCK_N)
-        k = _load_rows(k_base, z, hk, n0, offs_n, offs_dk, K.sn, K.sd, S, t.HEAD_DK, t.BLOCK_N, t.BLOCK_DK, t.USE_TMA)
-        v = _load_rows(v_base, z, hk, n0, offs_n, offs_dv, V.sn, V.sd, S, t.HEAD_DV, t.BLOCK_N, t.BLOCK_DV, t.USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=t.INPUT_PRECISION)
-        s, dcap = _logits(qk, sc, b_base, alibi2, scale, offs_m[:, None], offs_n[None, :], L, S, offset, win, MASKED)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=t.INPUT_PRECISION)
-        if drop.ON:
-            keep = _dropout_keep(drop, bh, offs_m[:, None], offs_n[None, :])
-            dp = tl.where(keep, dp * (1.0 / (1.0 - drop.p)), 0.0)
-        if sc.HAS_SINKS:  # sum_j P dP = dO . O from the unrounded output, for the sinks' gradient
-            pdp += tl.sum(p * dp, 1)
-        ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:  # dS of the logits after soft-capping: the bias is added after it
-            tl.store(db_base + offs_m[:, None] * S + offs_n[None, :], ds, mask=(offs_m[:, None] < L) & (offs_n < S))
-        if sc.HAS_SOFTCAP:
-            ds = ds * dcap
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=t.INPUT_PRECISION)
+        state = 1  # the block mask's state of this tile (see the forward)
+        run = True
+        if mods.HAS_BLOCK_MASK:
+            state = tl.load(mods.bm + bm_row + n0 // mods.BM_BLOCK).to(tl.int32)
+            run = state != 0
+        if run:
+            offs_n = tl.multiple_of(n0, t.BLOCK_N) + tl.arange(0, t.BLOCK_N)
+            k = _load_rows(
+                k_base, z, hk, n0, offs_n, offs_dk, K.sn, K.sd, S, t.HEAD_DK, t.BLOCK_N, t.BLOCK_DK, t.USE_TMA
+            )
+            v = _load_rows(
+                v_base, z, hk, n0, offs_n, offs_dv, V.sn, V.sd, S, t.HEAD_DV, t.BLOCK_N, t.BLOCK_DV, t.USE_TMA
+            )
+            qk = tl.dot(q, tl.trans(k), input_precision=t.INPUT_PRECISION)
+            s, dmod = _logits(qk, sc, mods, b_base, alibi2, scale, z, h, offs_m[:, None], offs_n[None, :], L, S, offset,
+                              win, state, MASKED)  # fmt: skip
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=t.INPUT_PRECISION)
+            if drop.ON:
+                keep = _dropout_keep(drop, bh, offs_m[:, None], offs_n[None, :])
+                dp = tl.where(keep, dp * (1.0 / (1.0 - drop.p)), 0.0)
+            if sc.HAS_SINKS:  # sum_j P dP = dO . O from the unrounded output, for the sinks' gradient
+                pdp += tl.sum(p * dp, 1)
+            ds = p * (dp - delta[:, None])
+            if BIAS_GRAD:  # dS of the logits after soft-capping and the score function: the bias is added after them
+                tl.store(db_base + offs_m[:, None] * S + offs_n[None, :], ds, mask=(offs_m[:, None] < L) & (offs_n < S))
+            if sc.HAS_SOFTCAP or mods.HAS_SCORE_MOD:
+                ds = ds * dmod
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=t.INPUT_PRECISION)
     return dq, pdp
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, PDP, H, L, S, scale, sc, win, drop, rows,
+def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, PDP, H, L, S, scale, sc, mods, win, drop, rows,
                              t: tl.constexpr, BIAS_GRAD: tl.constexpr):  # fmt: skip
     """Grid ``(cdiv(L, BLOCK_M), Z * H)``: dQ of one query tile; DB, when BIAS_GRAD, is a zeroed
     contiguous (Z, H, L, S) float32 buffer that receives dS on the visible tiles (not with VARLEN). With
@@ -226,6 +249,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, PDP, H, L, S, scal
     dq = tl.zeros([t.BLOCK_M, t.BLOCK_DK], tl.float32)
     pdp = tl.zeros([t.BLOCK_M], tl.float32)
     alibi2 = _alibi2(sc, z, h)
+    bm_row = z * mods.sbm_z + h * mods.sbm_h + (start_m // mods.BM_BLOCK) * mods.sbm_m
     lo, full_lo, full_hi, hi = _visible_ranges(
         start_m, t.BLOCK_M, t.BLOCK_N, offset, win.left, win.right, S, win.HAS_LEFT, win.HAS_RIGHT
     )
@@ -242,7 +266,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DB, PDP, H, L, S, scal
             r_start, r_end = full_hi, hi
         dq, pdp = _dq_tiles(
             dq, pdp, q, do, lse2, delta, k_base, v_base, b_base, db_base, r_start, r_end, offs_m, K, V, L, S, offset,
-            z, hk, bh, alibi2, scale, sc, win, drop, t, BIAS_GRAD, region != 1,
+            z, h, hk, bh, alibi2, scale, sc, mods, bm_row, win, drop, t, BIAS_GRAD, region != 1,
         )  # fmt: skip
     if sc.HAS_SINKS:
         tl.store(PDP + row_base + offs_m, pdp, mask=m_ok)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_ext
-from .attention_function import SUPPORTED_DTYPES
-from .attention_launch import _new
-from .norm_launch import _rows
+from .. import cuda_ext
+from ..common import SUPPORTED_DTYPES
+from ..common import new_buffer as _new
+from ..common import rows2d as _rows
 
 
 def cuda_refusal(x, weight, bias, n: int, fused: bool) -> str | None:

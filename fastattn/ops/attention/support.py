@@ -19,6 +19,7 @@ FEATURES = {
     "rotary": "fused rotary embeddings",
     "softcap": "logit soft-capping",
     "sinks": "learnable sinks",
+    "user_mods": "user score or mask functions (fastattn.mods)",
 }
 
 
@@ -39,7 +40,8 @@ FAMILIES = {
 }
 
 
-def features_of(bias, dropout_p: float, alibi, rotary, softcap, sinks, key_padding: bool = False) -> set[str]:
+def features_of(bias, dropout_p: float, alibi, rotary, softcap, sinks, key_padding: bool = False,
+                user_mods: bool = False) -> set[str]:  # fmt: skip
     """The features a call uses; a bool key padding mask counts as ``key_padding``, not ``bias``."""
     used = {
         "dropout": dropout_p > 0.0,
@@ -47,6 +49,7 @@ def features_of(bias, dropout_p: float, alibi, rotary, softcap, sinks, key_paddi
         "rotary": rotary is not None,
         "softcap": softcap is not None,
         "sinks": sinks is not None,
+        "user_mods": user_mods,
         "bias": bias is not None and not key_padding,
         "key_padding": bias is not None and key_padding,
     }
@@ -75,6 +78,11 @@ def refusal(family: str, q: torch.Tensor, v: torch.Tensor, used: set[str]) -> st
     if missing:
         return f"the {fam.name} kernels have no {' and no '.join(missing)}"
     return None
+
+
+def triton_refusal(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs (dtype, head dims), or None if they can."""
+    return refusal("triton", q, v, set())
 
 
 def support_table() -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .._kernel_log import record
-from .attention_launch import MaskSpec, Varlen, _new, attention_bwd, attention_fwd
-from .attention_reference import attention_reference
+from ..._kernel_log import record
+from ..common import new_buffer as _new
+from .reference import attention_reference
+from .spec import MaskSpec, Varlen
 
 
 def _view4(x: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
@@ -38,6 +39,8 @@ def varlen_fwd_op(
     B = seq.shape[0]
     out = _new((q.shape[0], q.shape[1], v.shape[2]), q.dtype, q.device)
     lse = _new((q.shape[1], q.shape[0]), torch.float32, q.device)
+    from .launch import attention_fwd  # triton: only once a kernel runs
+
     attention_fwd(
         _view4(q, B, max_q), _view4(k, B, max_k), _view4(v, B, max_k), None, scale, MaskSpec(0, left, right),
         dropout_p, int(seed.item()), varlen=_varlen(seq, q.shape[0]), out=_view4(out, B, max_q), lse=lse,
@@ -62,6 +65,8 @@ def varlen_bwd_op(
     dq, dk, dv = (_new(t.shape, t.dtype, t.device) for t in (q, k, v))
     views = lambda *ts: [_view4(t, B, n) for t, n in ts]  # noqa: E731
     q4, k4, v4, o4, do4 = views((q, max_q), (k, max_k), (v, max_k), (out, max_q), (dout, max_q))
+    from .launch import attention_bwd
+
     *_, dsinks = attention_bwd(
         do4, q4, k4, v4, o4, lse, None, scale, MaskSpec(0, left, right), dropout_p, int(seed.item()),
         varlen=_varlen(seq, q.shape[0]), grads=tuple(views((dq, max_q), (dk, max_k), (dv, max_k))),

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._backend import interpreting
-from .._kernel_log import record
-from .attention_launch import _new
-from .norm_kernels import _norm_bwd_kernel, _norm_fwd_kernel
+from ..._backend import interpreting
+from ..._kernel_log import record
+from ..common import new_buffer as _new
+from ..common import rows2d as _rows
+from .kernels import _norm_bwd_kernel, _norm_fwd_kernel
 
 # Widest row kept in registers in one tile; wider rows are walked in tiles of this size.
 MAX_TILE = 8192
@@ -25,12 +26,6 @@ def _tile(n: int) -> tuple[int, int]:
 def _warps(block: int) -> int:
     # 16-byte accesses: 8 bf16 per thread; enough warps that a tile is one vector per thread or a few.
     return max(1, min(16, block // 256))
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(M, N) view with a unit last stride, copying only when the layout forces it."""
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def norm_fwd(

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import interpreting
-from .._kernel_log import record
-from .attention_launch import _new, _rows, rowsum_do_o
-from .attention_support import FAMILIES, features_of, refusal
+from ..._backend import interpreting
+from ..._kernel_log import record
+from ..common import new_buffer as _new
+from .support import FAMILIES, features_of, refusal
 
 HEAD_DIMS = FAMILIES["gluon"].head_dims
 BWD_HEAD_DIMS = (64, 128, 256)
@@ -34,11 +34,13 @@ BWD_STAGES = 2
 EMULATED_SMS = 2  # programs of the persistent grid under the emulator (each walks several tiles)
 
 
-def gluon_refusal(q, k, v, bias, dropout_p: float, alibi, rotary, softcap=None, sinks=None) -> str | None:
+def gluon_refusal(
+    q, k, v, bias, dropout_p: float, alibi, rotary, softcap=None, sinks=None, user_mods=False
+) -> str | None:
     """Why the Gluon forward cannot take this case (the Triton kernels then run), or None. Decided from shapes,
     dtypes and features (``attention_support``), so it also holds while torch.compile traces; the data layout
     is checked when the op runs (``layout_refusal``)."""
-    why = refusal("gluon", q, v, features_of(bias, dropout_p, alibi, rotary, softcap, sinks))
+    why = refusal("gluon", q, v, features_of(bias, dropout_p, alibi, rotary, softcap, sinks, user_mods=user_mods))
     if why is None and not interpreting():
         if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
             return "the Gluon kernels are written for sm_90 (Hopper) GPUs"
@@ -79,7 +81,7 @@ def _programs(tiles: int, device: torch.device) -> int:
 def _runnable(kernel):
     """The kernel, or under ``TRITON_INTERPRET=1`` its emulation on CPU tensors."""
     if interpreting():
-        from ..testing import gluon_emulate
+        from ...testing import gluon_emulate
 
         return gluon_emulate(kernel)
     return kernel
@@ -87,7 +89,7 @@ def _runnable(kernel):
 
 def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the canonical inputs (see ``attention_function``); ``mask`` a ``MaskSpec``."""
-    from .attention_gluon_fwd import LOG2E, attention_fwd_gluon_kernel
+    from .gluon_fwd import LOG2E, attention_fwd_gluon_kernel
 
     Z, H, L, E = q.shape
     S = k.shape[2]
@@ -119,10 +121,12 @@ def attention_bwd_gluon(do, q, k, v, out, lse, scale: float, mask) -> tuple[torc
     """``(dq, dk, dv)`` of the canonical inputs, from the forward's ``out`` and ``lse``."""
     import triton
 
-    from .attention_gluon_bwd import LOG2E, attention_bwd_gluon_kernel
+    from .gluon_bwd import LOG2E, attention_bwd_gluon_kernel
 
     Z, H, L, E = q.shape
     HK, S = k.shape[1], k.shape[2]
+    from .launch import _rows, rowsum_do_o
+
     delta = rowsum_do_o(out, do, (Z, H, L), _rows(None, q, H, L))
     dq_acc = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)  # summed into: zeros, not poison
     dk, dv = _new(k.shape, k.dtype, k.device), _new(v.shape, v.dtype, v.device)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_ext
-from .attention_launch import MaskSpec, RotarySpec, _new
-from .attention_support import FAMILIES, features_of, refusal
+from .. import cuda_ext
+from ..common import new_buffer as _new
+from .spec import MaskSpec, RotarySpec
+from .support import FAMILIES, features_of, refusal
 
 HEAD_DIMS = FAMILIES["cuda"].head_dims
 
@@ -39,9 +40,10 @@ def cuda_refusal(
     dropout_p: float = 0.0,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    user_mods: bool = False,
 ) -> str | None:
     """Why the CUDA attention kernels cannot take this case, or None if they can (``attention_support``)."""
-    used = features_of(bias, dropout_p, alibi, rotary, softcap, sinks, key_padding_mask(bias) is not None)
+    used = features_of(bias, dropout_p, alibi, rotary, softcap, sinks, key_padding_mask(bias) is not None, user_mods)
     why = refusal("cuda", q, v, used)
     if why is not None:
         return why

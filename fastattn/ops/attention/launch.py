@@ -1,41 +1,41 @@
 """Launchers of the Triton attention kernels: allocate outputs, pick a config, set the grid.
 
-Inputs arrive canonical (see ``fastattn.ops.attention_function``): q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``,
+Inputs arrive canonical (see ``fastattn.ops.attention.function``): q ``(Z, H, L, E)``, k ``(Z, H_kv, S, E)``,
 v ``(Z, H_kv, S, Ev)`` with any strides, and an optional ``bias`` already expanded (a view, broadcast strides
 of 0) to ``(Z, H, L, S)``, float (added to the scaled scores) or bool (True = take part).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreting
-from .._kernel_log import record
-from .attention_args import (
+from ..._backend import interpreting
+from ..._kernel_log import record
+from ..common import new_buffer as _new
+from .args import (
     Dropout,
+    Mods,
     Rows,
     Scores,
     Tile,
     Window,
     dropout_arg,
     flags,
+    mods_arg,
     operand,
     rotary_arg,
     scores_arg,
     tile_arg,
     window_arg,
 )
-from .attention_bwd_kernel import (
+from .bwd_kernel import (
     _attention_bwd_dkdv_kernel,
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
 )
-from .attention_configs import (
+from .configs import (
     dkdv_configs,
     dq_configs,
     fwd_configs,
@@ -46,45 +46,13 @@ from .attention_configs import (
     tma_fwd_configs,
     varlen_configs,
 )
-from .attention_fwd_kernel import _attention_fwd_kernel
+from .fwd_kernel import _attention_fwd_kernel
+from .spec import MaskSpec, RotarySpec, Varlen
 
 if interpreting():
-    from ._interpreter import patch_bf16
+    from .._interpreter import patch_bf16
 
     patch_bf16()
-
-
-@dataclass(frozen=True)
-class RotarySpec:
-    """Rotary embeddings applied inside the attention kernel (see ``fastattn.RotaryEmbedding``)."""
-
-    dim: int  # rotated columns (even, <= head dim)
-    base: float = 10000.0
-    interleaved: bool = False  # GPT-J pairs (2j, 2j+1); else GPT-NeoX pairs (j, j + dim/2)
-    offset: int = 0  # position of key 0; query i sits at offset + i + (S - L)
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """Everything that decides which scores take part, besides the bias/mask tensor."""
-
-    offset: int = 0  # query i is aligned with key i + offset (S - L: bottom-right; 0: top-left)
-    left: int | None = None  # keys j >= i + offset - left take part; None: no limit
-    right: int | None = None  # keys j <= i + offset + right take part; None: no limit
-
-
-@dataclass(frozen=True)
-class Varlen:
-    """Per-sequence rows for the kernels' VARLEN mode: ``seq`` int32 (Z, 4) holds each sequence's first query
-    row, query count, first key row and key count (see ``attention_tiles._sequence``); ``lse_strides`` are the
-    (sequence, head) strides of the LSE / delta buffers."""
-
-    seq: torch.Tensor
-    lse_strides: tuple[int, int]
-    splits: int = 1  # flash-decoding: key splits, each writing its own partial output (forward only)
-    split_len: int = 0
-    split_strides: tuple[int, int] = (0, 0)  # of the output and LSE buffers, per split
-    block_table: torch.Tensor | None = None  # paged K/V (pages, H_kv, page_size, E): int32 (Z, max_pages)
 
 
 def _rows(varlen: Varlen | None, q: torch.Tensor, H: int, L: int, k: torch.Tensor | None = None) -> Rows:
@@ -109,7 +77,7 @@ def _block_d(e: int) -> int:
 def _rotary_tables(rotary: RotarySpec, L: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin of the rotary angles, (positions, dim/2), angles formed in fp64. Row r is position
     ``rotary.offset + min(0, S - L) + r``: queries before key 0 (L > S) have negative positions."""
-    from .posenc_function import inv_freq  # posenc_function builds on this module
+    from ..posenc.reference import inv_freq
 
     first = rotary.offset + min(0, S - L)
     pos = torch.arange(first, rotary.offset + S, device=device, dtype=torch.float64)
@@ -154,17 +122,34 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
-    """An output buffer; NaN-poisoned under FASTATTN_POISON=1 so tests catch elements never written."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FASTATTN_POISON") == "1":
-        out.fill_(float("nan"))
-    return out
-
-
-def _tune_key(kind, q, k, v, sc: Scores, win: Window, drop: Dropout) -> tuple:
+def _tune_key(kind, q, k, v, sc: Scores, win: Window, drop: Dropout, mods: Mods) -> tuple:
     bucket = (triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]))
-    return (kind, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], *flags(sc, win, drop), *bucket)
+    return (kind, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], *flags(sc, win, drop, mods), *bucket)
+
+
+def _fit_block_mask(candidates: list, mods: Mods) -> list:
+    """Configs whose tiles lie inside the block mask's tiles (all do: kernel tiles are at most 128)."""
+    if not mods.HAS_BLOCK_MASK.value:
+        return candidates
+    block = mods.BM_BLOCK.value
+    fit = [c for c in candidates if block % c.block_m == 0 and block % c.block_n == 0]
+    if not fit:
+        raise ValueError(f"no attention config has tiles dividing the block mask's {block}")
+    return fit
+
+
+def block_states(mask_mod, Z: int, H: int, L: int, S: int, block: int, device) -> torch.Tensor:
+    """int8 (Z, H, cdiv(L, block), cdiv(S, block)) tile states of ``mask_mod`` (see ``fastattn.mods``)."""
+    from .block_mask_kernel import _block_states_kernel
+
+    tiles_m, tiles_n = triton.cdiv(L, block), triton.cdiv(S, block)
+    # Rows padded to 16 states: the strides stay multiples of 16 for every L and S, so the kernels that read them
+    # are the same compiled kernels for any shape (the JIT keys on ints' divisibility by 16).
+    out = torch.zeros((Z, H, tiles_m, triton.cdiv(tiles_n, 16) * 16), dtype=torch.int8, device=device)
+    mods = mods_arg(out, mask_mod=mask_mod)
+    record("create_block_mask", "_block_states_kernel", "triton")
+    _block_states_kernel[(tiles_m, tiles_n, Z * H)](out, L, S, H, out.stride(2), mods, BLOCK=block)
+    return out[..., :tiles_n]
 
 
 def _tile(q, k, v, cfg, tma: bool) -> Tile:
@@ -190,18 +175,23 @@ def attention_fwd(
     lse: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (Z, H, L, Ev)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log). ``alibi``:
     float32 slopes (H,) or (Z, H), adding ``-slope * |i + offset - j|`` to the scores. ``rotary``: q and k
     are turned by rotary embeddings inside the kernel (key j at ``rotary.offset + j``). ``varlen``: per-sequence
     rows (L, S: the longest); then ``out`` (a view) and ``lse`` (addressed by ``varlen.lse_strides``) are given.
     ``softcap``: scaled scores s become ``softcap * tanh(s / softcap)``. ``sinks``: float32 (H,) logits that
-    join each row's softmax without a value (the LSE includes them)."""
+    join each row's softmax without a value (the LSE includes them). ``score_mod``, ``mask_mod``,
+    ``block_mask``: ``fastattn.mods``."""
     Z, H, L, E = q.shape
     S, EV = k.shape[2], v.shape[-1]
     out = _new((Z, H, L, EV), q.dtype, q.device) if out is None else out
     lse = _new((Z, H, L), torch.float32, q.device) if lse is None else lse
     sc = scores_arg(q, bias, alibi, softcap, sinks)
+    mods = mods_arg(q, score_mod, mask_mod, block_mask)
     win, drop = window_arg(mask.offset, mask.left, mask.right), dropout_arg(dropout_p, seed, philox_offset)
     rows = _rows(varlen, q, H, L, k)
 
@@ -218,8 +208,8 @@ def attention_fwd(
         kk, vv = (_descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)) if cfg.tma else (k, v)
         record("attention_fwd", "_attention_fwd_kernel", "triton")
         _attention_fwd_kernel[grid](
-            operand(q), operand(k, kk), operand(v, vv), operand(out), lse, H, L, S, scale, sc, win, drop, rope, rows,
-            _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            operand(q), operand(k, kk), operand(v, vv), operand(out), lse, H, L, S, scale, sc, mods, win, drop, rope,
+            rows, _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     bd, size = _block_d(max(E, EV)), q.element_size()
@@ -229,8 +219,8 @@ def attention_fwd(
         candidates = rotary_fwd_configs(bd, size)
     else:
         candidates = _with_descriptors(tma_fwd_configs(bd, size) if tma else [], fwd_configs(bd, size))
-    key = _tune_key("fwd", q, k, v, sc, win, drop) + (tma, rotary is not None, varlen is not None)
-    cfg = pick(key, candidates, launch, q.device)
+    key = _tune_key("fwd", q, k, v, sc, win, drop, mods) + (tma, rotary is not None, varlen is not None)
+    cfg = pick(key, _fit_block_mask(candidates, mods), launch, q.device)
     launch(cfg)
     return out, lse
 
@@ -277,6 +267,9 @@ def attention_bwd(
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    score_mod=None,
+    mask_mod=None,
+    block_mask=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns ``dq, dk, dv`` (shapes and dtypes of q, k, v), when ``bias_grad`` the score gradient ``dS`` as a
     float32 ``(Z, H, L, S)`` tensor (to be summed over the bias's broadcast dimensions), and with ``sinks``
@@ -292,6 +285,7 @@ def attention_bwd(
     # dS is written only on visible tiles; the skipped ones must read as 0.
     db = torch.zeros((Z, H, L, S), dtype=torch.float32, device=q.device) if bias_grad else q
     sc = scores_arg(q, bias, alibi, softcap, sinks)
+    mods = mods_arg(q, score_mod, mask_mod, block_mask)
     win, drop = window_arg(mask.offset, mask.left, mask.right), dropout_arg(dropout_p, seed, philox_offset)
     pdp = lse if sinks is None else _new(lse.shape, torch.float32, q.device)
 
@@ -300,7 +294,7 @@ def attention_bwd(
         record("attention_bwd", "_attention_bwd_dkdv_kernel", "triton")
         _attention_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), Z * HK)](
             operand(q, qq), operand(k), operand(v), operand(do, dd), lse, delta, operand(dk), operand(dv), H, L, S,
-            scale, sc, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps,
+            scale, sc, mods, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
 
@@ -309,8 +303,8 @@ def attention_bwd(
         record("attention_bwd", "_attention_bwd_dq_kernel", "triton")
         _attention_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), Z * H)](
             operand(q), operand(k, kk), operand(v, vv), operand(do), lse, delta, operand(dq), db, pdp, H, L, S,
-            scale, sc, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), BIAS_GRAD=bias_grad, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            scale, sc, mods, win, drop, rows, _tile(q, k, v, cfg, cfg.tma), BIAS_GRAD=bias_grad,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     bd, size = max(bd_k, bd_v), q.element_size()
@@ -320,9 +314,9 @@ def attention_bwd(
     if varlen is not None:
         dkdv_candidates, dq_candidates = varlen_configs("dkdv", bd, size), varlen_configs("dq", bd, size)
     vl = varlen is not None
-    dkdv_key = _tune_key("dkdv", q, k, v, sc, win, drop) + (tma_qdo, vl)
-    launch_dkdv(pick(dkdv_key, dkdv_candidates, launch_dkdv, q.device))
-    dq_key = _tune_key("dq", q, k, v, sc, win, drop) + (tma_kv, bias_grad, vl)
-    launch_dq(pick(dq_key, dq_candidates, launch_dq, q.device))
+    dkdv_key = _tune_key("dkdv", q, k, v, sc, win, drop, mods) + (tma_qdo, vl)
+    launch_dkdv(pick(dkdv_key, _fit_block_mask(dkdv_candidates, mods), launch_dkdv, q.device))
+    dq_key = _tune_key("dq", q, k, v, sc, win, drop, mods) + (tma_kv, bias_grad, vl)
+    launch_dq(pick(dq_key, _fit_block_mask(dq_candidates, mods), launch_dq, q.device))
     dsinks = None if sinks is None else sinks_grad(sinks, lse, pdp, 0 if vl else 1)
     return dq, dk, dv, (db if bias_grad else None), dsinks

@@ -127,17 +127,54 @@ def _sink2(sc, h):
 
 
 @triton.jit
-def _logits(qk, sc, b_base, alibi2, scale, i, j, L, S, offset, win, MASKED: tl.constexpr):
+def _user_score(mods, s, z, h, i, j):
+    """The ScoreMod's new score and its derivative by the score (natural-log units)."""
+    if mods.HAS_SCORE_AUX:
+        g = mods.SCORE_GRAD(s, z, h, i, j, mods.score_aux)
+        s = mods.SCORE_FN(s, z, h, i, j, mods.score_aux)
+    else:
+        g = mods.SCORE_GRAD(s, z, h, i, j)
+        s = mods.SCORE_FN(s, z, h, i, j)
+    return s, g
+
+
+@triton.jit
+def _user_mask(mods, z, h, i, j):
+    if mods.HAS_MASK_AUX:
+        ok = mods.MASK_FN(z, h, i, j, mods.mask_aux)
+    else:
+        ok = mods.MASK_FN(z, h, i, j)
+    return ok
+
+
+@triton.jit
+def _tile_state(mods, row_base, block_col):
+    """The block mask's state of a tile (0 empty: skip it, 1 partial, 2 full); 1 without a block mask."""
+    state = 1
+    if mods.HAS_BLOCK_MASK:
+        state = tl.load(mods.bm + row_base + block_col).to(tl.int32)
+    return state
+
+
+@triton.jit
+def _logits(qk, sc, mods, b_base, alibi2, scale, z, h, i, j, L, S, offset, win, state, MASKED: tl.constexpr):
     """The log2-domain logits of a tile of products q·k (rows ``i``, keys ``j``, broadcasting: the dK/dV
     kernel passes the transposed tile), the one place the forward and both backward kernels modify scores:
-    scale, soft-capping ``c tanh(s / c)``, bias or bool mask (at ``b_base + i * sbm + j * sbn``), ALiBi, the
-    visibility rule. Returns ``(s, dcap)``: dcap = d(capped)/d(scaled), the backward's chain factor (1.0
-    without soft-capping)."""
-    dcap = 1.0
-    if sc.HAS_SOFTCAP:
-        t = _tanh(qk * (scale / sc.softcap))
-        s = t * (sc.softcap * LOG2E)
-        dcap = 1.0 - t * t
+    scale, soft-capping ``c tanh(s / c)``, the user's score function, bias or bool mask (at
+    ``b_base + i * sbm + j * sbn``), ALiBi, the visibility rule, the user's mask function (on tiles the block
+    mask calls partial, ``state == 1``). Returns ``(s, dmod)``: d(modified)/d(scaled) score, the backward's
+    chain factor (1.0 without soft-capping or score function)."""
+    dmod = 1.0
+    if sc.HAS_SOFTCAP or mods.HAS_SCORE_MOD:
+        s = qk * scale
+        if sc.HAS_SOFTCAP:
+            t = _tanh(s / sc.softcap)
+            s = t * sc.softcap
+            dmod = 1.0 - t * t
+        if mods.HAS_SCORE_MOD:  # indices clamped: lanes past the ends are masked below, but must not read past aux
+            s, g = _user_score(mods, s, z, h, tl.minimum(i, L - 1), tl.minimum(j, S - 1))
+            dmod = dmod * g
+        s = s * LOG2E
     else:
         s = qk * (scale * LOG2E)
     if sc.BIAS_MODE != 0:
@@ -151,7 +188,10 @@ def _logits(qk, sc, b_base, alibi2, scale, i, j, L, S, offset, win, MASKED: tl.c
         s -= alibi2 * tl.abs((i + offset - j).to(tl.float32))
     if MASKED:
         s = tl.where(_visible(i, j, L, S, offset, win), s, float("-inf"))
-    return s, dcap
+    if mods.HAS_MASK_MOD:
+        if state == 1:
+            s = tl.where(_user_mask(mods, z, h, tl.minimum(i, L - 1), tl.minimum(j, S - 1)), s, float("-inf"))
+    return s, dmod
 
 
 @triton.jit

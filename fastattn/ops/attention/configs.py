@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .._backend import interpreting
+from ..._backend import interpreting
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .attention_launch import MaskSpec
+from .spec import MaskSpec
 
 
 def visible_mask(L: int, S: int, mask: MaskSpec, device: torch.device) -> torch.Tensor | None:

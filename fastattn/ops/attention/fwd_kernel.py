@@ -9,7 +9,7 @@ which is all the backward needs to recompute the probabilities.
 import triton
 import triton.language as tl
 
-from .attention_tiles import (
+from .tiles import (
     LN2,
     _alibi2,
     _clip_to_split,
@@ -83,52 +83,71 @@ def _load_v(
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, b_base, start_n, end_n, offs_m, K, V, L, S, offset, z, hk, bh,
-               alibi2, scale, sc, win, drop, rope, rows, t: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, b_base, start_n, end_n, offs_m, K, V, L, S, offset, z, h, hk, bh,
+               alibi2, scale, sc, mods, bm_row, win, drop, rope, rows, t: tl.constexpr,
+               MASKED: tl.constexpr):  # fmt: skip
     offs_dk = tl.arange(0, t.BLOCK_DK)
     offs_dv = tl.arange(0, t.BLOCK_DV)
     for n0 in range(start_n, end_n, t.BLOCK_N):
         n0 = tl.multiple_of(n0, t.BLOCK_N)
-        offs_n = n0 + tl.arange(0, t.BLOCK_N)
-        kv_ok = offs_n < S
-        if rope.ON:  # key j sits at table row rope.offset + j; its rotated copy lives only in registers
-            k = _rope_rows(
-                k_base, offs_n, offs_dk, K.sn, K.sd, S, offs_n + rope.offset, rope.cos, rope.sin, rope.dim,
-                t.HEAD_DK, rope.INTERLEAVED,
-            )  # fmt: skip
-            k = tl.trans(k.to(q.dtype))
-        elif rows.PAGED:  # key j lives in page bt[z, j // page] of the (pages, H_kv, page, E) cache, row j % page
-            page = tl.load(rows.bt + z * rows.sbt + offs_n // rows.page, mask=kv_ok, other=0).to(tl.int64)
-            k_rows = page * K.sz + (offs_n % rows.page) * K.sn
-            v_rows = page * V.sz + (offs_n % rows.page) * V.sn
-            k_ptrs = k_base + k_rows[None, :] + offs_dk[:, None] * K.sd
-            k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_dk[:, None] < t.HEAD_DK), other=0.0)
-        else:
-            k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, K.sn, K.sd, S, t.HEAD_DK, t.BLOCK_N, t.BLOCK_DK,
-                         MASKED, t.USE_TMA)  # fmt: skip
-        qk = tl.dot(q, k, input_precision=t.INPUT_PRECISION)
-        s, _ = _logits(qk, sc, b_base, alibi2, scale, offs_m[:, None], offs_n[None, :], L, S, offset, win, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked scores keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if drop.ON:
-            p = tl.where(_dropout_keep(drop, bh, offs_m[:, None], offs_n[None, :]), p, 0.0)
-        if rows.PAGED:
-            v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * V.sd
-            v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_dv[None, :] < t.HEAD_DV), other=0.0)
-        else:
-            v = _load_v(v_base, z, hk, n0, offs_n, offs_dv, V.sn, V.sd, S, t.HEAD_DV, t.BLOCK_N, t.BLOCK_DV, MASKED,
-                        t.USE_TMA)  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=t.INPUT_PRECISION)
-        m_i = m_new
+        state = 1  # without a block mask every visited tile runs, its user mask (if any) element by element
+        run = True
+        if mods.HAS_BLOCK_MASK:  # skip the tiles the block mask calls empty, drop the mask on full ones
+            state = tl.load(mods.bm + bm_row + n0 // mods.BM_BLOCK).to(tl.int32)
+            run = state != 0
+        if run:
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, b_base, n0, offs_m, offs_dk, offs_dv, K, V, L,
+                                      S, offset, z, h, hk, bh, alibi2, scale, sc, mods, state, win, drop, rope, rows,
+                                      t, MASKED)  # fmt: skip
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attention_fwd_kernel(Q, K, V, O, LSE, H, L, S, scale, sc, win, drop, rope, rows, t: tl.constexpr):
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, b_base, n0, offs_m, offs_dk, offs_dv, K, V, L, S, offset, z, h, hk,
+              bh, alibi2, scale, sc, mods, state, win, drop, rope, rows, t: tl.constexpr,
+              MASKED: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax."""
+    offs_n = n0 + tl.arange(0, t.BLOCK_N)
+    kv_ok = offs_n < S
+    if rope.ON:  # key j sits at table row rope.offset + j; its rotated copy lives only in registers
+        k = _rope_rows(
+            k_base, offs_n, offs_dk, K.sn, K.sd, S, offs_n + rope.offset, rope.cos, rope.sin, rope.dim,
+            t.HEAD_DK, rope.INTERLEAVED,
+        )  # fmt: skip
+        k = tl.trans(k.to(q.dtype))
+    elif rows.PAGED:  # key j lives in page bt[z, j // page] of the (pages, H_kv, page, E) cache, row j % page
+        page = tl.load(rows.bt + z * rows.sbt + offs_n // rows.page, mask=kv_ok, other=0).to(tl.int64)
+        k_rows = page * K.sz + (offs_n % rows.page) * K.sn
+        v_rows = page * V.sz + (offs_n % rows.page) * V.sn
+        k_ptrs = k_base + k_rows[None, :] + offs_dk[:, None] * K.sd
+        k = tl.load(k_ptrs, mask=kv_ok[None, :] & (offs_dk[:, None] < t.HEAD_DK), other=0.0)
+    else:
+        k = _load_kt(k_base, z, hk, n0, offs_n, offs_dk, K.sn, K.sd, S, t.HEAD_DK, t.BLOCK_N, t.BLOCK_DK,
+                     MASKED, t.USE_TMA)  # fmt: skip
+    qk = tl.dot(q, k, input_precision=t.INPUT_PRECISION)
+    s, _ = _logits(qk, sc, mods, b_base, alibi2, scale, z, h, offs_m[:, None], offs_n[None, :], L, S, offset, win,
+                   state, MASKED)  # fmt: skip
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only masked scores keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if drop.ON:
+        p = tl.where(_dropout_keep(drop, bh, offs_m[:, None], offs_n[None, :]), p, 0.0)
+    if rows.PAGED:
+        v_ptrs = v_base + v_rows[:, None] + offs_dv[None, :] * V.sd
+        v = tl.load(v_ptrs, mask=kv_ok[:, None] & (offs_dv[None, :] < t.HEAD_DV), other=0.0)
+    else:
+        v = _load_v(v_base, z, hk, n0, offs_n, offs_dv, V.sn, V.sd, S, t.HEAD_DV, t.BLOCK_N, t.BLOCK_DV, MASKED,
+                    t.USE_TMA)  # fmt: skip
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=t.INPUT_PRECISION)
+    m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(Q, K, V, O, LSE, H, L, S, scale, sc, mods, win, drop, rope, rows, t: tl.constexpr):
     """Grid ``(cdiv(L, BLOCK_M), Z * H[, splits])``. Q is (Z, H, L, E); K, V are (Z, H // GROUP, S, E/Ev)
     (``Operand`` tuples: tensor and strides); the bias of ``sc`` is addressed through broadcast strides;
     O is (Z, H, L, Ev); LSE float32 at ``z * slse_z + h * slse_h + row``. VARLEN: per-sequence rows and
@@ -174,6 +193,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, H, L, S, scale, sc, win, drop, rope, 
             other=0.0,
         )
     alibi2 = _alibi2(sc, z, h)
+    bm_row = z * mods.sbm_z + h * mods.sbm_h + (start_m // mods.BM_BLOCK) * mods.sbm_m
     split = tl.program_id(2).to(tl.int64)
     m_i = tl.full([t.BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([t.BLOCK_M], tl.float32)
@@ -200,8 +220,8 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, H, L, S, scale, sc, win, drop, rope, 
         else:
             r_start, r_end = full_hi, hi
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, k_base, v_base, b_base, r_start, r_end, offs_m, K, V, L, S, offset, z, hk, bh,
-            alibi2, scale, sc, win, drop, rope, rows, t, region != 1,
+            acc, l_i, m_i, q, k_base, v_base, b_base, r_start, r_end, offs_m, K, V, L, S, offset, z, h, hk, bh,
+            alibi2, scale, sc, mods, bm_row, win, drop, rope, rows, t, region != 1,
         )  # fmt: skip
 
     # Fully masked rows (l == 0) give 0 output and lse = -inf, as torch's SDPA gives 0 there.

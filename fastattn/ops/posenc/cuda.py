@@ -1,17 +1,17 @@
 """Launchers of the CUDA C++ positional encodings (``csrc/posenc.cu``): the same signatures as the Triton
-launchers in ``posenc_function``, so the autograd Functions there take either."""
+launchers in ``launch``, so the custom ops in ``function`` take either."""
 
 from __future__ import annotations
 
 import torch
 
-from . import cuda_ext
-from .attention_launch import _new
+from .. import cuda_ext
+from ..common import new_buffer as _new
+from ..common import rows2d as _rows
+from .reference import inv_freq
 
 
 def sinusoidal_fwd_cuda(x: torch.Tensor, offset: int, scale: float, base: float) -> torch.Tensor:
-    from .posenc_function import _rows, inv_freq
-
     x2 = _rows(x)
     y = _new(x2.shape, x.dtype, x.device)
     L, D = x.shape[-2], x.shape[-1]
@@ -25,8 +25,6 @@ def sinusoidal_fwd_cuda(x: torch.Tensor, offset: int, scale: float, base: float)
 
 def rotary_fwd_cuda(x, pos, offset, base, interleaved, rot, sign) -> torch.Tensor:
     """x (N, H, L, E); pos None or int64 (N|1, L)."""
-    from .posenc_function import _rows, inv_freq
-
     N, H, L, E = x.shape
     x2 = _rows(x)
     y = _new(x2.shape, x.dtype, x.device)

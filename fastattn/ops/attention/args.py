@@ -4,7 +4,8 @@ as constexpr fields (so each combination compiles to its own kernel, as separate
 - ``Scores``: what turns the products q·k into the logits the softmax sees (scale, soft-capping, the bias or
   bool mask tensor, ALiBi slopes) and the learnable sink logits that join each row's softmax;
 - ``Window``: the visibility rule (see ``attention_tiles``);
-- ``Dropout``: probability and Philox stream.
+- ``Dropout``: probability and Philox stream;
+- ``Mods``: user score / mask functions (``fastattn.mods``) and the block mask's tile states.
 
 The launchers build them with the functions below; ``fastattn.codegen`` builds their type signatures.
 """
@@ -32,6 +33,24 @@ class Scores(NamedTuple):
     HAS_ALIBI: tl.constexpr
     HAS_SOFTCAP: tl.constexpr
     HAS_SINKS: tl.constexpr
+
+
+class Mods(NamedTuple):
+    score_aux: object  # the ScoreMod's own tensor; q itself when none
+    mask_aux: object
+    bm: object  # int8 tile states (B|1, H|1, tiles of L, tiles of S); q itself without a block mask
+    sbm_z: int
+    sbm_h: int
+    sbm_m: int
+    SCORE_FN: tl.constexpr  # @triton.jit functions, or None
+    SCORE_GRAD: tl.constexpr
+    MASK_FN: tl.constexpr
+    HAS_SCORE_MOD: tl.constexpr
+    HAS_SCORE_AUX: tl.constexpr
+    HAS_MASK_MOD: tl.constexpr
+    HAS_MASK_AUX: tl.constexpr
+    HAS_BLOCK_MASK: tl.constexpr
+    BM_BLOCK: tl.constexpr  # the block mask's tile (rows and keys)
 
 
 class Window(NamedTuple):
@@ -70,6 +89,26 @@ def scores_arg(
     )  # fmt: skip
 
 
+def mods_arg(q: torch.Tensor, score_mod=None, mask_mod=None, block_mask=None) -> Mods:
+    """``score_mod`` a ``fastattn.ScoreMod``, ``mask_mod`` a ``fastattn.MaskMod``, ``block_mask`` a
+    ``fastattn.BlockMask`` (its states broadcast over batch / heads through 0 strides)."""
+    c = tl.constexpr
+    s_aux = getattr(score_mod, "aux", None)
+    m_aux = getattr(mask_mod, "aux", None)
+    if block_mask is None:
+        bm, sbm, block = q, (0, 0, 0), 1
+    else:
+        st = block_mask.states
+        bm, block = st, block_mask.block
+        sbm = tuple(0 if st.shape[d] == 1 else st.stride(d) for d in range(3))
+    return Mods(
+        q if s_aux is None else s_aux, q if m_aux is None else m_aux, bm, *sbm,
+        c(None if score_mod is None else score_mod.fn), c(None if score_mod is None else score_mod.grad),
+        c(None if mask_mod is None else mask_mod.fn), c(score_mod is not None), c(s_aux is not None),
+        c(mask_mod is not None), c(m_aux is not None), c(block_mask is not None), c(block),
+    )  # fmt: skip
+
+
 def window_arg(offset: int, left: int | None, right: int | None) -> Window:
     return Window(offset, left or 0, right or 0, tl.constexpr(left is not None), tl.constexpr(right is not None))
 
@@ -78,9 +117,12 @@ def dropout_arg(p: float, seed: int, philox_offset: int) -> Dropout:
     return Dropout(float(p), seed, philox_offset, tl.constexpr(p > 0.0))
 
 
-def flags(sc: Scores, win: Window, drop: Dropout) -> tuple:
-    """The constexpr fields' values, for the autotuner's keys."""
+def flags(sc: Scores, win: Window, drop: Dropout, mods: Mods | None = None) -> tuple:
+    """The constexpr fields' values, for the autotuner's keys (user functions as themselves: hashable)."""
     fields = (sc.BIAS_MODE, sc.HAS_ALIBI, sc.HAS_SOFTCAP, sc.HAS_SINKS, win.HAS_LEFT, win.HAS_RIGHT, drop.ON)
+    if mods is not None:
+        fields += (mods.HAS_SCORE_AUX, mods.HAS_MASK_AUX, mods.HAS_BLOCK_MASK, mods.BM_BLOCK, mods.SCORE_FN)
+        fields += (mods.SCORE_GRAD, mods.MASK_FN)
     return tuple(f.value for f in fields)
 
 

@@ -1,5 +1,5 @@
 """``auto``'s choice by measurement: which implementation the committed GPU runs found fastest per class of
-case (``attention_choice.json``, built by ``tools/choice_table.py`` from ``benchmarks/results``).
+case (``choice.json``, built by ``tools/choice_table.py`` from ``benchmarks/results``).
 
 A class is (architecture, dtype, head dim, causal or not, forward alone or forward and backward). Where the
 table names ``sdpa``, torch's own SDPA is what ``auto`` runs for the SDPA drop-in (dropping fastattn in then
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TABLE = Path(__file__).with_name("attention_choice.json")
+TABLE = Path(__file__).with_name("choice.json")
 
 
 @functools.cache

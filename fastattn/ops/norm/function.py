@@ -7,12 +7,11 @@ import math
 
 import torch
 
-from .. import _torch
-from .._backend import no_gluon_kernel, use_cuda, use_triton
-from .._kernel_log import record
-from .attention_function import SUPPORTED_DTYPES, dropout_seed
-from .norm_cuda import cuda_refusal, norm_bwd_cuda, norm_fwd_cuda
-from .norm_launch import norm_bwd, norm_fwd
+from ... import _torch
+from ..._backend import no_gluon_kernel, use_cuda, use_triton
+from ..._kernel_log import record
+from ..common import SUPPORTED_DTYPES, dropout_seed
+from .cuda import cuda_refusal, norm_bwd_cuda, norm_fwd_cuda
 
 
 # Layer norm / RMSNorm over the trailing n elements, optionally of dropout(x) + residual (the Triton kernels
@@ -25,6 +24,8 @@ def norm_fwd_op(
     if backend == "cuda":
         y, mean, rstd = norm_fwd_cuda(x, n, weight, bias, eps, is_rms)
         return y, x.new_empty(0), mean, rstd
+    from .launch import norm_fwd  # triton: only once a kernel runs
+
     y, s, mean, rstd = norm_fwd(x, n, weight, bias, eps, is_rms, residual, dropout_p, int(seed.item()))
     return y, (x.new_empty(0) if s is None else s), mean, rstd
 
@@ -48,6 +49,8 @@ def norm_bwd_op(
         dx, dw, db = norm_bwd_cuda(dy, s, n, weight, bias, mean, rstd, is_rms)
         dr = None
     else:
+        from .launch import norm_bwd
+
         dx, dr, dw, db = norm_bwd(
             dy, s, n, weight, bias, mean, rstd, is_rms, ds_out, has_residual, dropout_p, int(seed.item())
         )

@@ -1,0 +1,1 @@
+"""Positional encodings (sinusoidal, rotary): Triton kernels, launcher, CUDA launcher, op registration and reference."""

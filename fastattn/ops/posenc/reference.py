@@ -1,0 +1,41 @@
+"""PyTorch references of the positional encodings (float64 angles): the tests' references and the PyTorch path.
+Imports no triton."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=64)
+def inv_freq(pairs: int, d: int, base: float, device) -> torch.Tensor:
+    """float64 ``base^(-2j/d)`` for j < pairs; cached, so that a launch does not first launch its table."""
+    return base ** (-2.0 * torch.arange(pairs, dtype=torch.float64, device=device) / d)
+
+
+def _angles(pos: torch.Tensor, pairs: int, d: int, base: float) -> torch.Tensor:
+    """float64 ``pos / base^(2j/d)`` for j < pairs, shape pos.shape + (pairs,)."""
+    return pos.to(torch.float64)[..., None] * inv_freq(pairs, d, base, pos.device)
+
+
+def sinusoidal_table(positions: torch.Tensor, d: int, base: float = 10000.0) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / base^(2i/d)), PE(pos, 2i+1) = cos(...), float64, shape positions.shape + (d,)."""
+    a = _angles(positions, (d + 1) // 2, d, base)
+    pe = torch.stack([a.sin(), a.cos()], dim=-1).flatten(-2)
+    return pe[..., :d]
+
+
+def rotary_reference(x, pos, base, interleaved, rot, sign=1.0, compute_dtype=torch.float64):
+    """Rotate pairs of the first ``rot`` columns of x (N, H, L, E) by ``sign * angle``; pos (N|1, L). Angles
+    in float64; the rotation in ``compute_dtype`` (float32 on the PyTorch path, as the kernel)."""
+    a = _angles(pos, rot // 2, rot, base)[:, None]  # (N|1, 1, L, rot/2)
+    cos, sin = a.cos().to(compute_dtype), (a.sin() * sign).to(compute_dtype)
+    xf = x.to(compute_dtype)
+    if interleaved:
+        x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
+    else:
+        x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 : rot]
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.stack([y1, y2], -1).flatten(-2) if interleaved else torch.cat([y1, y2], -1)
+    return torch.cat([rotated, xf[..., rot:]], -1).to(x.dtype)
