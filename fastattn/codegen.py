@@ -62,7 +62,11 @@ KEYS = ("kernel", "head_dim", "dtype", "config", "wgmma", "registers", "spills",
 # Gluon rows add: the warps of all partitions (padded to warpgroups), the register budget each partition sets
 # (setmaxnreg, in the order they appear), and whether the main loop keeps a wgmma group in flight while it waits.
 GLUON_KEYS = KEYS + ("num_warps", "setmaxnreg", "wgmma_async")
-GLUON_HEAD_DIMS = {"attention_fwd_gluon": (64, 128, 256), "attention_bwd_gluon": (64, 128, 256)}
+GLUON_HEAD_DIMS = {
+    "attention_fwd_gluon": (64, 128, 256),
+    "attention_fwd_gluon_softcap_sinks": (128,),
+    "attention_bwd_gluon": (64, 128, 256),
+}
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Most dynamic shared memory one program may opt into (227 KB on H100, 163 KB on A100); used for the notes only.
 SHARED_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
@@ -281,13 +285,15 @@ def _gluon_launch(kernel: str, head_dim: int, dtype: str, causal: bool):
     x = torch.empty(2, 4, 1024, head_dim, dtype=tdt)  # shapes do not matter: the kernels take them at run time
     f32 = torch.empty(2, 4, 1024)
     flags = dict(HAS_LEFT=False, HAS_RIGHT=causal, LOADER_REGS=launch.LOADER_REGS, CONSUMER_REGS=launch.CONSUMER_REGS)
-    if kernel == "attention_fwd_gluon":
+    if kernel.startswith("attention_fwd_gluon"):
         from .ops.attention.gluon_fwd import attention_fwd_gluon_kernel as fn
 
         block_n, stages = launch._tiles(head_dim)
         descs = [launch._descriptor(x, launch.BLOCK_M)] + [launch._descriptor(x, block_n)] * 2
-        args = descs + [x, f32, 16, 16, 16, 2, 4, 1024, 1024, 1, 0.1, 0, 0, 0]
-        consts = dict(flags, HEAD_DV=head_dim, BLOCK_M=launch.BLOCK_M, BLOCK_N=block_n, STAGES=stages)
+        args = descs + [x, f32, f32, 16, 16, 16, 2, 4, 1024, 1024, 1, 0.1, 0.1, 0.1, 0, 0, 0]
+        features = kernel.endswith("_softcap_sinks")  # Gemma 2 / gpt-oss: both features on
+        consts = dict(flags, HAS_SOFTCAP=features, HAS_SINKS=features, HEAD_DV=head_dim, BLOCK_M=launch.BLOCK_M,
+                      BLOCK_N=block_n, STAGES=stages)  # fmt: skip
         label = f"M2x{launch.BLOCK_M}-N{block_n}-s{stages}-ws"
     else:
         from .ops.attention.gluon_bwd import attention_bwd_gluon_kernel as fn

@@ -89,12 +89,13 @@ _SHAPES = {  # (L, S, H, H_kv, E, causal, window)
     "window-mqa-L<S": (40, 90, 4, 1, 32, True, (17, None)),
     "causal-L>S-empty-rows": (70, 20, 2, 2, 64, True, None),
 }
-# Every shape in fp32 and bf16, fp16 on two of them (the interpreter's time is the suite's budget).
+# Every shape in fp32, bf16 and fp16 on two each (the interpreter's time is the suite's budget).
+_LOW = {"bf16": ("gqa-ragged", "causal-L>S-empty-rows"), "fp16": ("causal", "window-mqa-L<S")}
 CASES = [
     pytest.param(dt, *shape, id=f"{name}-{dt_id}")
     for name, shape in _SHAPES.items()
     for dt, dt_id in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))
-    if dt_id != "fp16" or name in ("causal", "causal-L>S-empty-rows")
+    if dt_id == "fp32" or name in _LOW[dt_id]
 ]
 
 
@@ -213,17 +214,23 @@ def test_bad_softcap_and_sinks_are_named():
             fastattn.attention(q, q, q, sinks=bad)
 
 
-def test_backends_without_the_features_step_down_with_the_reason():
-    """The Gluon and CUDA families do not take softcap or sinks (``attention_support``): the Triton kernels run,
-    and the one-time warning names the feature."""
-    q = randn(1, 2, 16, 64, dtype=torch.bfloat16)
-    for backend, feature, kw in (("gluon", "logit soft-capping", dict(softcap=2.0)),
-                                 ("gluon", "learnable sinks", dict(sinks=torch.zeros(2, device=DEVICE)))):  # fmt: skip
-        _backend._warned.clear()
-        with fastattn.backend(backend), fastattn.kernel_log() as log, pytest.warns(RuntimeWarning, match=feature):
-            fastattn.attention(q, q, q, **kw)
-        assert [e.backend for e in log] == ["triton"]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gluon_forward_softcap_and_sinks(dtype):
+    """The Gluon forward (emulated on the CPU) takes soft-capping and sinks (Gemma 2 / gpt-oss); its backward does
+    not yet, so the Triton backward runs from the Gluon forward's output and LSE, with the reason."""
+    q = (randn(1, 4, 100, 64, dtype=dtype) * 3).requires_grad_()
+    k, v = (randn(1, 2, 130, 64, dtype=dtype, requires_grad=True) for _ in range(2))
+    sinks = randn(4, requires_grad=True)
+    _backend._warned.clear()
+    with fastattn.kernel_log() as log, pytest.warns(RuntimeWarning, match="Gluon backward has no soft-capping"):
+        _check(q, k, v, sinks, path="gluon", causal=True, softcap=4.0)
+    fwd = [e.kernel for e in log if e.op == "attention_fwd"]
+    assert fwd == ["attention_fwd_gluon_kernel"] and "_attention_bwd_dq_kernel" in [e.kernel for e in log]
+
+
+def test_cuda_refuses_softcap_and_sinks_with_the_reason():
     from fastattn.ops.attention.cuda import cuda_refusal
 
+    q = randn(1, 2, 16, 64, dtype=torch.bfloat16)
     assert "soft-capping" in cuda_refusal(q, q, q, None, 0.1, None, None, softcap=2.0)
     assert "sinks" in cuda_refusal(q, q, q, None, 0.1, None, None, sinks=torch.zeros(2))

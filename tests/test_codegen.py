@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
 from fastattn.codegen import GLUON_KEYS, KEYS
 
@@ -17,17 +18,25 @@ HOPPER_SHARED_LIMIT = 232448  # 227 KB of opt-in shared memory per block on sm_9
 
 
 @pytest.fixture(scope="module")
-def rows():
-    out = subprocess.run(
-        [sys.executable, "-m", "fastattn.codegen", "--arch", "sm_90", "--head-dims", "64,128", "--json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout)
-    rows_notes.extend(line for line in out.stderr.splitlines() if line.startswith("note:"))
-    return rows
+def rows(tmp_path_factory, worker_id):
+    """The compile report, made once per test run: the xdist workers share it through a file (the compiles take
+    a minute of both cores; each worker taking this module's tests would otherwise redo them)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base if worker_id == "master" else base.parent) / "codegen_rows.json"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            out = subprocess.run(
+                [sys.executable, "-m", "fastattn.codegen", "--arch", "sm_90", "--head-dims", "64,128", "--json"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TRITON_INTERPRET": "0"},
+            )
+            assert out.returncode == 0, out.stderr[-2000:]
+            notes = [line for line in out.stderr.splitlines() if line.startswith("note:")]
+            path.write_text(json.dumps({"rows": json.loads(out.stdout), "notes": notes}))
+        report = json.loads(path.read_text())
+    rows_notes[:] = report["notes"]
+    return report["rows"]
 
 
 rows_notes: list[str] = []
@@ -40,12 +49,18 @@ def test_rows_have_the_documented_keys(rows):
         "attention_fwd", "attention_fwd_rotary", "attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq",
         "layer_norm_fwd", "layer_norm_bwd", "sinusoidal", "rotary", "attention_fwd_varlen",
         "attention_bwd_dkdv_varlen", "attention_bwd_dq_varlen", "attention_fwd_gluon", "attention_bwd_gluon",
+        "attention_fwd_gluon_softcap_sinks",
     }  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "kernel,head_dims", [("attention_fwd_gluon", {64, 128, 256}), ("attention_bwd_gluon", {64, 128})]
-)  # the backward at head dim 256 is checked by the next test
+    "kernel,head_dims",
+    [
+        ("attention_fwd_gluon", {64, 128, 256}),
+        ("attention_fwd_gluon_softcap_sinks", {128}),
+        ("attention_bwd_gluon", {64, 128}),
+    ],
+)  # the backward at head dim 256 is checked by the next test; softcap_sinks: Gemma 2 / gpt-oss's forward
 def test_gluon_kernels_are_warp_specialized_without_spills(rows, kernel, head_dims):
     """The Gluon kernels as compiled for sm_90: a loader partition and consumer warpgroups each under its own
     register budget (setmaxnreg), wgmma with a group kept in flight while waiting, no spills, shared memory in

@@ -82,7 +82,7 @@ def attention_fwd_op(
     if backend == "gluon":
         why = layout_refusal(query=q, key=k, value=v)
         if why is None:
-            return attention_fwd_gluon(q, k, v, scale, mask)
+            return attention_fwd_gluon(q, k, v, scale, mask, softcap, _sinks32(sinks))
         warn_once("attention", f"the Gluon kernels cannot run: {why}", instead="the Triton kernels")
     from .launch import attention_fwd  # triton: only once a kernel runs
 
@@ -130,7 +130,7 @@ def attention_bwd_op(
         dq, dk, dv = attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask(bias), scale, mask, dropout_p, s)
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
     if backend == "gluon":  # the Gluon forward took the case: no bias, dropout, ALiBi or rotary
-        why = gluon_bwd_refusal(dout, q, k, v)
+        why = gluon_bwd_refusal(dout, q, k, v, softcap, sinks)
         if why is None:
             dq, dk, dv = attention_bwd_gluon(dout, q, k, v, out, lse, scale, mask)
             return dq, dk, dv, q.new_empty(0), q.new_empty(0)

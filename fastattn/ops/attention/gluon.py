@@ -87,8 +87,9 @@ def _runnable(kernel):
     return kernel
 
 
-def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of the canonical inputs (see ``attention_function``); ``mask`` a ``MaskSpec``."""
+def attention_fwd_gluon(q, k, v, scale: float, mask, softcap=None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the canonical inputs (see ``attention.function``); ``mask`` a ``MaskSpec``; ``softcap``
+    and float32 ``sinks`` (H,) as in the Triton kernels."""
     from .gluon_fwd import LOG2E, attention_fwd_gluon_kernel
 
     Z, H, L, E = q.shape
@@ -100,16 +101,20 @@ def attention_fwd_gluon(q, k, v, scale: float, mask) -> tuple[torch.Tensor, torc
     record("attention_fwd", "attention_fwd_gluon_kernel", "gluon")
     _runnable(attention_fwd_gluon_kernel)[grid](
         _descriptor(q, BLOCK_M), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
-        out.stride(0), out.stride(1), out.stride(2), Z, H, L, S, H // k.shape[1],
-        scale * LOG2E.value, mask.offset, mask.left or 0, mask.right or 0,
-        HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None, HEAD_DV=E, BLOCK_M=BLOCK_M,
+        lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2), Z, H, L, S, H // k.shape[1],
+        scale * LOG2E.value, scale / (softcap or 1.0), (softcap or 1.0) * LOG2E.value, mask.offset, mask.left or 0,
+        mask.right or 0, HAS_LEFT=mask.left is not None, HAS_RIGHT=mask.right is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None, HEAD_DV=E, BLOCK_M=BLOCK_M,
         BLOCK_N=block_n, STAGES=stages, LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )  # fmt: skip
     return out, lse
 
 
-def gluon_bwd_refusal(do, q, k, v) -> str | None:
-    """Why the Gluon backward cannot take this case (the Triton backward then runs), or None."""
+def gluon_bwd_refusal(do, q, k, v, softcap=None, sinks=None) -> str | None:
+    """Why the Gluon backward cannot take this case (the Triton backward then runs, from the Gluon forward's
+    output and LSE), or None."""
+    if softcap is not None or sinks is not None:
+        return "the Gluon backward has no soft-capping or sinks yet (its forward has them)"
     if q.shape[-1] not in BWD_HEAD_DIMS:
         return f"the Gluon backward takes head dims {BWD_HEAD_DIMS}, not {q.shape[-1]}"
     if q.shape[-1] == 256 and SPLIT_D_SPILLS:

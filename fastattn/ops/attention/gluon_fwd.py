@@ -71,11 +71,22 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_
 
 
 @gluon.jit
-def _softmax_step(s_acc, n, m_i, l_i, rows, qk_scale, S, offset, left, right, HAS_LEFT: gl.constexpr,
-                  HAS_RIGHT: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr):  # fmt: skip
-    """Scores of key block n -> (P in float32, the rescale factor of the running output, new m, new l)."""
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1) through exp2, as the Triton kernels: saturates to +-1, no NaN.
+    return 1.0 - 2.0 / (gl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@gluon.jit
+def _softmax_step(s_acc, n, m_i, l_i, rows, qk_scale, cap_scale, cap2, S, offset, left, right,
+                  HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, BLOCK_N: gl.constexpr,
+                  layout: gl.constexpr):  # fmt: skip
+    """Scores of key block n -> (P in float32, the rescale factor of the running output, new m, new l).
+    Soft-capping: log2-domain scores cap2 * tanh(s_acc * cap_scale), cap2 = c log2(e), cap_scale = scale / c."""
     cols = n * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, layout))
-    s = s_acc * qk_scale
+    if HAS_SOFTCAP:
+        s = _tanh(s_acc * cap_scale) * cap2
+    else:
+        s = s_acc * qk_scale
     ok = gl.expand_dims(cols < S, 0)
     diag = gl.expand_dims(cols, 0) - gl.expand_dims(rows + offset, 1)  # j - (i + offset)
     if HAS_RIGHT:
@@ -100,9 +111,10 @@ def _turn(turns, c: gl.constexpr, count):
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_empty, turns, o_ptr, lse_ptr,
-              so_z, so_h, so_l, Z, H, L, S, qk_scale, offset, left, right, c: gl.constexpr,
-              HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HEAD_DV: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+              sinks_ptr, so_z, so_h, so_l, Z, H, L, S, qk_scale, cap_scale, cap2, offset, left, right,
+              c: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+              HAS_SINKS: gl.constexpr, HEAD_DV: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_D: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
@@ -120,6 +132,9 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_emp
         rows = (2 * qb + c) * BLOCK_M + gl.arange(0, BLOCK_M, row_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        if HAS_SINKS:  # the sink as a first key without value: running max its logit, running sum 1
+            m_i = gl.zeros([BLOCK_M], gl.float32, row_layout) + gl.load(sinks_ptr + h) * LOG2E
+            l_i = gl.full([BLOCK_M], 1.0, gl.float32, row_layout)
         acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
         q = q_smem.index(c)
         mbarrier.wait(q_ready.index(c), it & 1)
@@ -133,8 +148,8 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_emp
             mbarrier.arrive(turns.index(1 - c))
             turn += 1
             s_acc = warpgroup_mma_wait(0, deps=[s_acc])
-            p, alpha, m_i, l_i = _softmax_step(s_acc, lo, m_i, l_i, rows, qk_scale, S, offset, left, right,
-                                               HAS_LEFT, HAS_RIGHT, BLOCK_N, s_layout)  # fmt: skip
+            p, alpha, m_i, l_i = _softmax_step(s_acc, lo, m_i, l_i, rows, qk_scale, cap_scale, cap2, S, offset, left,
+                                               right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, s_layout)  # fmt: skip
             p_op = gl.convert_layout(p.to(dtype), p_layout)  # P kept in registers, 16-bit, for PV
             for n in range(lo + 1, hi):
                 sp = kv % STAGES  # the stage of block n - 1
@@ -149,8 +164,9 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_emp
                 mbarrier.arrive(turns.index(1 - c))
                 turn += 1
                 s_acc = warpgroup_mma_wait(1, deps=[s_acc])  # QK^T of block n done; PV of n - 1 runs on
-                p, alpha, m_i, l_i = _softmax_step(s_acc, n, m_i, l_i, rows, qk_scale, S, offset, left, right,
-                                                   HAS_LEFT, HAS_RIGHT, BLOCK_N, s_layout)  # fmt: skip
+                p, alpha, m_i, l_i = _softmax_step(s_acc, n, m_i, l_i, rows, qk_scale, cap_scale, cap2, S, offset,
+                                                   left, right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N,
+                                                   s_layout)  # fmt: skip
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.arrive(kv_empty.index(sp))
@@ -182,15 +198,17 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, kv_emp
 
 
 @gluon.jit
-def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_h, so_l, Z, H, L, S, GROUP,
-                               qk_scale, offset, left, right, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, sinks_ptr, so_z, so_h, so_l, Z, H, L, S,
+                               GROUP, qk_scale, cap_scale, cap2, offset, left, right, HAS_LEFT: gl.constexpr,
+                               HAS_RIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINKS: gl.constexpr,
                                HEAD_DV: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                STAGES: gl.constexpr, LOADER_REGS: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr):  # fmt: skip
     """O (Z, H, L, Ev) and LSE (Z, H, L; natural log) of softmax(scale Q K^T) V, keys of query i limited to
-    i + offset - left .. i + offset + right (HAS_LEFT / HAS_RIGHT). q/k/v_desc are 4-D descriptors of boxes
-    [1, 1, rows, BLOCK_D] (with the shared layout of a [rows, BLOCK_D] tile); GROUP query heads share one
-    key/value head."""
+    i + offset - left .. i + offset + right (HAS_LEFT / HAS_RIGHT); soft-capped scores (HAS_SOFTCAP) and a
+    sink logit per query head from float32 ``sinks_ptr`` (HAS_SINKS) as in the Triton kernels. q/k/v_desc are
+    4-D descriptors of boxes [1, 1, rows, BLOCK_D] (with the shared layout of a [rows, BLOCK_D] tile); GROUP
+    query heads share one key/value head."""
     BLOCK_D: gl.constexpr = q_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     # The boxes are [1, 1, rows, BLOCK_D]; the descriptors' layouts are those of the 2-D [rows, BLOCK_D] tiles.
@@ -229,6 +247,7 @@ def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_
                     turns,
                     o_ptr,
                     lse_ptr,
+                    sinks_ptr,
                     so_z,
                     so_h,
                     so_l,
@@ -237,12 +256,16 @@ def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_
                     L,
                     S,
                     qk_scale,
+                    cap_scale,
+                    cap2,
                     offset,
                     left,
                     right,
                     0,
                     HAS_LEFT,
                     HAS_RIGHT,
+                    HAS_SOFTCAP,
+                    HAS_SINKS,
                     HEAD_DV,
                     BLOCK_M,
                     BLOCK_N,
@@ -293,6 +316,7 @@ def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_
                     turns,
                     o_ptr,
                     lse_ptr,
+                    sinks_ptr,
                     so_z,
                     so_h,
                     so_l,
@@ -301,12 +325,16 @@ def attention_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, so_z, so_
                     L,
                     S,
                     qk_scale,
+                    cap_scale,
+                    cap2,
                     offset,
                     left,
                     right,
                     1,
                     HAS_LEFT,
                     HAS_RIGHT,
+                    HAS_SOFTCAP,
+                    HAS_SINKS,
                     HEAD_DV,
                     BLOCK_M,
                     BLOCK_N,

@@ -35,7 +35,7 @@ class Family:
 _HALF = (torch.float16, torch.bfloat16)
 FAMILIES = {
     "triton": Family("Triton", (*_HALF, torch.float32), 256, frozenset(FEATURES), False),
-    "gluon": Family("Gluon", _HALF, (64, 128, 256), frozenset(), True),
+    "gluon": Family("Gluon", _HALF, (64, 128, 256), frozenset({"softcap", "sinks"}), True),  # forward; see gluon.py
     "cuda": Family("CUDA", _HALF, (64, 128), frozenset({"key_padding", "dropout"}), True),
 }
 
