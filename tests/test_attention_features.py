@@ -102,19 +102,19 @@ CASES = [
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype,L,S,H,HK,E,causal,window", CASES)
 def test_softcap(path, dtype, L, S, H, HK, E, causal, window):
-    q = (randn(2, H, L, E, dtype=dtype) * 4).requires_grad_()  # scores of tens: the cap bends them
-    k, v = randn(2, HK, S, E, dtype=dtype, requires_grad=True), randn(2, HK, S, E, dtype=dtype, requires_grad=True)
+    q = (randn(1, H, L, E, dtype=dtype) * 4).requires_grad_()  # scores of tens: the cap bends them
+    k, v = randn(1, HK, S, E, dtype=dtype, requires_grad=True), randn(1, HK, S, E, dtype=dtype, requires_grad=True)
     _check(q, k, v, path=path, causal=causal, window=window, softcap=5.0)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype,L,S,H,HK,E,causal,window", CASES)
 def test_sinks(path, dtype, L, S, H, HK, E, causal, window):
-    q, k, v = (randn(2, h, n, E, dtype=dtype, requires_grad=True) for h, n in ((H, L), (HK, S), (HK, S)))
+    q, k, v = (randn(1, h, n, E, dtype=dtype, requires_grad=True) for h, n in ((H, L), (HK, S), (HK, S)))
     sinks = (randn(H) * 2).requires_grad_()  # float32 parameters, as models keep them
     _, lse = _check(q, k, v, sinks, path=path, causal=causal, window=window)
     if L > S and causal:  # rows before the first key see only their sink: out 0, lse = the sink
-        want = sinks.detach().reshape(1, H, 1).expand(2, H, L - S)
+        want = sinks.detach().reshape(1, H, 1).expand(1, H, L - S)
         torch.testing.assert_close(lse[:, :, : L - S].cpu(), want, rtol=1e-6, atol=1e-6)  # log2 round trip
 
 
