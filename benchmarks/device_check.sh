@@ -43,6 +43,15 @@ impls=fastattn,fastattn-gluon,sdpa-cudnn,sdpa-flash,sdpa-default
 timeout ${BENCH_TIMEOUT:-170} $py benchmarks/bench_attention.py \
   ${BENCH_ARGS:---head-dims 128,64,256 --seqlens 16384 --impls $impls} --out "$out" > "$out/bench.log" 2>&1
 echo "bench exit code $?" >> "$out/bench.log"
+# Issue 14's features beside the plain Triton case and cuDNN (head dim 128, 16k tokens): soft-capping and sinks
+# should cost <= 5 %, document masking by block mask (50 % sparse) should be >= 1.8x the dense bool mask.
+features=fastattn,fastattn-softcap,fastattn-sinks,fastattn-docmask,fastattn-docmask-dense,sdpa-cudnn
+mkdir -p "$tmp/features"
+timeout ${FEATURE_BENCH_TIMEOUT:-80} $py benchmarks/bench_attention.py --head-dims 128 --seqlens 16384 \
+  --impls $features --out "$tmp/features" > "$tmp/bench_features.log" 2>&1
+echo "feature bench exit code $?" >> "$tmp/bench_features.log"
+{ echo; echo "## Features (issue 14)"; cat "$tmp/features/attention.md" 2>/dev/null || tail -n 20 "$tmp/bench_features.log"; } \
+  >> "$out/bench.log"
 
 stamp "norm benchmarks"
 {

@@ -47,11 +47,67 @@ def _sdpa_backend(name: str) -> Callable:
     return run
 
 
+_SHAPE_CACHE: dict = {}
+
+
+def _cached(key, make):
+    """Per-shape inputs of a feature (sinks of H heads, a block mask of L positions), made once: the timed call
+    is the attention, not the setup (as a model builds its block mask once per batch)."""
+    if key not in _SHAPE_CACHE:
+        _SHAPE_CACHE[key] = make()
+    return _SHAPE_CACHE[key]
+
+
+def _documents(L: int, device) -> torch.Tensor:
+    """Two documents of L / 2 positions: document masking at 50 % sparsity (75 % when causal)."""
+    return (torch.arange(L, device=device) >= L // 2).to(torch.int32)
+
+
+def _docmask_block(q, k, v, causal):
+    from fastattn.examples import masks
+
+    L = q.shape[2]
+    fn = masks.causal_document if causal else masks.document
+    bm = _cached(("bm", L, causal, q.device), lambda: fastattn.create_block_mask(
+        fastattn.MaskMod(fn, aux=_documents(L, q.device)), None, None, L, L, device=q.device))  # fmt: skip
+    return fastattn.attention(q, k, v, block_mask=bm)
+
+
+def _docmask_dense(q, k, v, causal):
+    L = q.shape[2]
+
+    def make():
+        doc = _documents(L, q.device)
+        keep = doc[:, None] == doc[None, :]
+        return keep & torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if causal else keep
+
+    return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=_cached(("dense", L, causal, q.device), make))
+
+
+def feature_implementations() -> dict[str, Callable]:
+    """fastattn's Triton kernels with the features of issue 14, to set beside the plain case in one run:
+    soft-capping, sinks, document masking by block mask and the same mask as a dense bool tensor (TFLOP/s of
+    these count the dense FLOPs: compare their times)."""
+
+    def sinks(q, k, v, c):
+        t = _cached(("sinks", q.shape[1], q.device), lambda: torch.zeros(q.shape[1], device=q.device))
+        return fastattn.attention(q, k, v, causal=c, sinks=t)
+
+    fns = {
+        "fastattn-softcap": lambda q, k, v, c: fastattn.attention(q, k, v, causal=c, softcap=30.0),
+        "fastattn-sinks": sinks,
+        "fastattn-docmask": _docmask_block,
+        "fastattn-docmask-dense": _docmask_dense,
+    }
+    return {name: on_backend(fn, "triton") for name, fn in fns.items()}
+
+
 def implementations() -> dict[str, Callable]:
     impls = {
         name: on_backend(lambda q, k, v, c: fastattn.attention(q, k, v, causal=c), backend)
         for name, backend in kernel_backends(gluon=True).items()
     }
+    impls.update(feature_implementations())
     for name in ("flash", "efficient", "cudnn"):
         impls[f"sdpa-{name}"] = _sdpa_backend(name)
     # What a user gets without fastattn: torch's own choice among its backends (cuDNN on Hopper in torch 2.11).
