@@ -16,7 +16,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import _torch
 from ._backend import current_backend, use_triton
 from ._kernel_log import record
-from .mods import BlockMask, ScoreMod, as_mask_mod
+from .mods import BlockMask, MaskMod, ScoreMod, as_mask_mod
 from .ops.attention.function import attention_forward
 from .ops.attention.spec import MaskSpec, RotarySpec
 from .ops.attention.support import triton_refusal
@@ -357,14 +357,15 @@ def _check_mods(api: str, score_mod, mask_mod, block_mask, q: torch.Tensor, k: t
     """(ScoreMod, MaskMod, BlockMask) checked against q and k; a block mask brings its mask function."""
     if score_mod is not None and not isinstance(score_mod, ScoreMod):
         raise TypeError(f"{api}(): argument 'score_mod' must be a fastattn.ScoreMod, not {type(score_mod).__name__}")
-    mm = as_mask_mod(mask_mod)
+    if block_mask is not None and not isinstance(block_mask, BlockMask):
+        raise TypeError(f"{api}(): argument 'block_mask' must come from fastattn.create_block_mask, not "
+                        f"{type(block_mask).__name__}")  # fmt: skip
+    # With a block mask, a bare function stands for the block mask's own (which carries its aux tensor).
+    mm = mask_mod if block_mask is not None and not isinstance(mask_mod, MaskMod) else as_mask_mod(mask_mod)
     if block_mask is not None:
-        if not isinstance(block_mask, BlockMask):
-            raise TypeError(f"{api}(): argument 'block_mask' must come from fastattn.create_block_mask, not "
-                            f"{type(block_mask).__name__}")  # fmt: skip
-        if mm is not None and mm.fn is not block_mask.mask_mod.fn:
+        if mm is not None and (mm.fn if isinstance(mm, MaskMod) else mm) is not block_mask.mask_mod.fn:
             raise ValueError(f"{api}: block_mask was built from another mask function than mask_mod")
-        mm = mm or block_mask.mask_mod
+        mm = block_mask.mask_mod  # the same function, with the aux tensor the states were built from
         N, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         bn, bh = block_mask.states.shape[:2]
         if (block_mask.L, block_mask.S) != (L, S) or bn not in (1, N) or bh not in (1, H):
