@@ -20,6 +20,7 @@ from .mods import BlockMask, MaskMod, ScoreMod, as_mask_mod
 from .ops.attention.function import attention_forward
 from .ops.attention.spec import MaskSpec, RotarySpec
 from .ops.attention.support import triton_refusal
+from .ops.common import float32_params
 from .posenc import RotaryEmbedding
 
 _SDPA = "scaled_dot_product_attention"
@@ -256,7 +257,7 @@ def _check_alibi(api: str, slopes, q: torch.Tensor) -> torch.Tensor:
             f"{api}: alibi_slopes is on {slopes.device}, q on {q.device} (fastattn.alibi_slopes(H, device=q.device) "
             f"makes them there)"
         )
-    return slopes.detach().to(torch.float32).contiguous()
+    return float32_params(slopes)
 
 
 def _check_rotary(api: str, rotary, offset, q: torch.Tensor) -> RotarySpec:

@@ -10,6 +10,7 @@ from ._kernel_log import record
 from .ops.attention.reference import attention_reference
 from .ops.attention.spec import MaskSpec, Varlen
 from .ops.attention.support import triton_refusal
+from .ops.common import float32_params
 from .posenc import RotaryEmbedding, apply_rotary
 
 _API = "decode_attention"
@@ -143,7 +144,7 @@ def decode_attention(
     scale_f = _check_scale(_API, scale, E)
     alibi = None if alibi_slopes is None else _check_alibi(_API, alibi_slopes, q)
     cap = check_softcap(_API, softcap)
-    sink = None if sinks is None else check_sinks(_API, sinks, q).detach().float().contiguous()
+    sink = None if sinks is None else float32_params(check_sinks(_API, sinks, q))
     t = torch.arange(L, device=q.device)
     first = cache_seqlens.long() if k_new is not None else cache_seqlens.long() - L
     positions = first[:, None] + t  # (N, L) position of each query

@@ -27,6 +27,11 @@ def new_buffer(shape, dtype, device) -> torch.Tensor:
     return out
 
 
+def float32_params(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-head parameters (ALiBi slopes, sink logits) as the kernels read them: detached contiguous float32."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
 def rows2d(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """x as (rows, n) (n: the last dim by default) with a unit last stride: a view where strides allow, else a
     contiguous copy."""

@@ -13,7 +13,7 @@ import torch
 
 from ..._backend import current_backend, use_cuda, use_gluon, use_triton, warn_once
 from ..._kernel_log import record
-from ..common import dropout_seed
+from ..common import dropout_seed, float32_params
 from .cuda import attention_bwd_cuda, attention_fwd_cuda, cuda_refusal, key_padding_mask
 from .gluon import (
     attention_bwd_gluon,
@@ -82,18 +82,14 @@ def attention_fwd_op(
     if backend == "gluon":
         why = layout_refusal(query=q, key=k, value=v)
         if why is None:
-            return attention_fwd_gluon(q, k, v, scale, mask, softcap, _sinks32(sinks))
+            return attention_fwd_gluon(q, k, v, scale, mask, softcap, float32_params(sinks))
         warn_once("attention", f"the Gluon kernels cannot run: {why}", instead="the Triton kernels")
     from .launch import attention_fwd  # triton: only once a kernel runs
 
     return attention_fwd(
-        q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot, softcap=softcap, sinks=_sinks32(sinks),
+        q, k, v, bias, scale, mask, dropout_p, s, alibi=alibi, rotary=rot, softcap=softcap, sinks=float32_params(sinks),
         score_mod=sm, mask_mod=mm, block_mask=bm,
     )  # fmt: skip
-
-
-def _sinks32(sinks: torch.Tensor | None) -> torch.Tensor | None:
-    return None if sinks is None else sinks.detach().to(torch.float32).contiguous()
 
 
 @attention_fwd_op.register_fake
@@ -142,7 +138,7 @@ def attention_bwd_op(
 
     dq, dk, dv, dbias, dsinks = attention_bwd(
         dout, q, k, v, out, lse, bias, scale, mask, dropout_p, s, bias_grad=bias_grad, alibi=alibi, softcap=softcap,
-        sinks=_sinks32(sinks), score_mod=sm, mask_mod=mm, block_mask=bm,
+        sinks=float32_params(sinks), score_mod=sm, mask_mod=mm, block_mask=bm,
     )  # fmt: skip
     if rot is not None:
         dq, dk = _rotate(dq, rot, _q_offset(rot, q, k), -1.0), _rotate(dk, rot, rot.offset, -1.0)

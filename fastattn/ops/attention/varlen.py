@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..._kernel_log import record
+from ..common import float32_params
 from ..common import new_buffer as _new
 from .reference import attention_reference
 from .spec import MaskSpec, Varlen
@@ -23,10 +24,6 @@ def _view4(x: torch.Tensor, batch: int, rows: int) -> torch.Tensor:
 
 def _varlen(seq: torch.Tensor, total_q: int) -> Varlen:
     return Varlen(seq, (0, total_q))  # lse / delta are (H, total_q)
-
-
-def _sinks32(sinks: torch.Tensor | None) -> torch.Tensor | None:
-    return None if sinks is None else sinks.detach().to(torch.float32).contiguous()
 
 
 @torch.library.custom_op("fastattn::varlen_fwd", mutates_args=())
@@ -44,7 +41,7 @@ def varlen_fwd_op(
     attention_fwd(
         _view4(q, B, max_q), _view4(k, B, max_k), _view4(v, B, max_k), None, scale, MaskSpec(0, left, right),
         dropout_p, int(seed.item()), varlen=_varlen(seq, q.shape[0]), out=_view4(out, B, max_q), lse=lse,
-        softcap=softcap, sinks=_sinks32(sinks),
+        softcap=softcap, sinks=float32_params(sinks),
     )  # fmt: skip
     return out, lse
 
@@ -70,7 +67,7 @@ def varlen_bwd_op(
     *_, dsinks = attention_bwd(
         do4, q4, k4, v4, o4, lse, None, scale, MaskSpec(0, left, right), dropout_p, int(seed.item()),
         varlen=_varlen(seq, q.shape[0]), grads=tuple(views((dq, max_q), (dk, max_k), (dv, max_k))),
-        softcap=softcap, sinks=_sinks32(sinks),
+        softcap=softcap, sinks=float32_params(sinks),
     )  # fmt: skip
     return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 
