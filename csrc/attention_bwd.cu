@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(const Attention
   constexpr int kNT = kBM / 8, kDT = D / 8;
   constexpr int kQTiles = kBM / 16, kDSplit = 4 / kQTiles, kDPart = D / kDSplit;  // warps of the dQ GEMM
   const AttentionParams& p = bp.fwd;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FA_DYNAMIC_SHARED(smem_raw);
   T* sk = reinterpret_cast<T*>(smem_raw);
   T* sv = sk + kBlockN * kStride;
   T* sq = sv + kBlockN * kStride;  // two buffers
@@ -205,8 +205,8 @@ cudaError_t launch_bwd(const AttentionBwdParams& bp, cudaStream_t stream) {
   const AttentionParams& p = bp.fwd;
   const int64_t rows = int64_t(p.z) * p.h * p.l;
   if (rows > 0) {
-    attention_bwd_delta_kernel<T, D>
-        <<<static_cast<unsigned>(cdiv(rows, kThreads / 32)), kThreads, 0, stream>>>(bp);
+    FA_LAUNCH(static_cast<unsigned>(cdiv(rows, kThreads / 32)), kThreads, 0, stream,
+              attention_bwd_delta_kernel<T, D>)(bp);
   }
   constexpr int smem = bwd_smem_bytes<D>();
   auto kernel = attention_bwd_kernel<T, D>;
@@ -214,11 +214,11 @@ cudaError_t launch_bwd(const AttentionBwdParams& bp, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (p.s > 0) {
     const dim3 grid(static_cast<unsigned>(cdiv(p.s, kBlockN)), static_cast<unsigned>(p.z * p.hk));
-    kernel<<<grid, kThreads, smem, stream>>>(bp);
+    FA_LAUNCH(grid, kThreads, smem, stream, kernel)(bp);
   }
   if (rows > 0) {
-    attention_bwd_dq_kernel<T, D>
-        <<<static_cast<unsigned>(cdiv(rows * (D / 2), kThreads)), kThreads, 0, stream>>>(bp);
+    FA_LAUNCH(static_cast<unsigned>(cdiv(rows * (D / 2), kThreads)), kThreads, 0, stream,
+              attention_bwd_dq_kernel<T, D>)(bp);
   }
   return cudaGetLastError();
 }

@@ -18,7 +18,7 @@ constexpr int fwd_smem_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttentionParams p) {
   constexpr int kStride = padded(D), kNT = kBlockN / 8, kDT = D / 8;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FA_DYNAMIC_SHARED(smem_raw);
   T* sq = reinterpret_cast<T*>(smem_raw);
   T* sk = sq + kBlockM * kStride;
   T* sv = sk + 2 * kBlockN * kStride;
@@ -141,7 +141,7 @@ cudaError_t launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(cdiv(p.l, kBlockM)), static_cast<unsigned>(p.z * p.h));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  FA_LAUNCH(grid, kThreads, smem, stream, kernel)(p);
   return cudaGetLastError();
 }
 

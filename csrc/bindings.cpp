@@ -5,12 +5,24 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <tuple>
+#include <vector>
+
 #include <array>
 #include <string>
 
 #include "fastattn/attention.cuh"
 #include "fastattn/norm.cuh"
 #include "fastattn/posenc.cuh"
+
+// Built twice: as fastattn._C against the CUDA runtime, and as fastattn._C_host against the host emulation
+// (csrc/emulate), where the same launchers run the kernels on the CPU and check them as they run.
+#if defined(FASTATTN_HOST_EMULATION)
+#include "fastattn_emulate_host.h"
+#define FASTATTN_MODULE _C_host
+#else
+#define FASTATTN_MODULE _C
+#endif
 
 namespace py = pybind11;
 using fastattn::DType;
@@ -155,8 +167,23 @@ py::tuple sincos_host(double pos, double freq) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(FASTATTN_MODULE, m) {
   m.doc() = "fastattn's CUDA kernels (framework-free launchers taking pointers and a stream)";
+#if defined(FASTATTN_HOST_EMULATION)
+  m.attr("emulated") = true;
+  py::register_exception<fastattn_emu::EmulationError>(m, "EmulationError", PyExc_RuntimeError);
+  m.def(
+      "set_buffers",
+      [](const std::vector<std::tuple<std::string, uintptr_t, uint64_t, bool>>& bufs) {
+        std::vector<fastattn_emu::Buffer> out;
+        for (const auto& [name, p, bytes, writable] : bufs) out.push_back({name, p, bytes, writable});
+        fastattn_emu::set_buffers(std::move(out));
+      },
+      "The global buffers (name, pointer, bytes, writable) the next launches may access");
+  m.def("stats", &fastattn_emu::stats, "Counts of what the emulator ran and checked");
+#else
+  m.attr("emulated") = false;
+#endif
   m.def("norm_forward", &norm_forward, "Layer norm / RMSNorm forward; returns a cudaError_t code");
   m.def("norm_backward", &norm_backward, "Layer norm / RMSNorm backward with per-group dw/db partials");
   m.def("norm_row_threads", [](int dtype, int64_t n) { return fastattn::norm_row_threads(static_cast<DType>(dtype), n); });

@@ -44,7 +44,7 @@ __device__ MeanVar row_merge(MeanVar a) {
   if constexpr (ROW_THREADS == 32) {
     return a;
   } else {
-    __shared__ MeanVar partial[kThreads / 32];
+    FA_SHARED_ARRAY(MeanVar, partial, kThreads / 32);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) partial[warp] = a;
     __syncthreads();
@@ -59,7 +59,7 @@ __device__ float2 row_sum(float2 a) {
   if constexpr (ROW_THREADS == 32) {
     return a;
   } else {
-    __shared__ float2 partial[kThreads / 32];
+    FA_SHARED_ARRAY(float2, partial, kThreads / 32);
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = a;
     __syncthreads();
     float2 total = make_float2(0.f, 0.f);
@@ -186,16 +186,16 @@ cudaError_t launch_forward(const NormParams& p, cudaStream_t stream) {
   if (norm_row_threads(p.dtype, p.n) == 32) {
     const unsigned grid = static_cast<unsigned>(cdiv(p.rows, kThreads / 32));
     if (aligned) {
-      norm_forward_kernel<T, TW, kVec, 32><<<grid, kThreads, 0, stream>>>(p);
+      FA_LAUNCH(grid, kThreads, 0, stream, norm_forward_kernel<T, TW, kVec, 32>)(p);
     } else {
-      norm_forward_kernel<T, TW, 1, 32><<<grid, kThreads, 0, stream>>>(p);
+      FA_LAUNCH(grid, kThreads, 0, stream, norm_forward_kernel<T, TW, 1, 32>)(p);
     }
   } else {
     const unsigned grid = static_cast<unsigned>(p.rows);
     if (aligned) {
-      norm_forward_kernel<T, TW, kVec, kThreads><<<grid, kThreads, 0, stream>>>(p);
+      FA_LAUNCH(grid, kThreads, 0, stream, norm_forward_kernel<T, TW, kVec, kThreads>)(p);
     } else {
-      norm_forward_kernel<T, TW, 1, kThreads><<<grid, kThreads, 0, stream>>>(p);
+      FA_LAUNCH(grid, kThreads, 0, stream, norm_forward_kernel<T, TW, 1, kThreads>)(p);
     }
   }
   return cudaGetLastError();
@@ -204,10 +204,10 @@ cudaError_t launch_forward(const NormParams& p, cudaStream_t stream) {
 template <typename T, typename TW>
 cudaError_t launch_backward(const NormBwdParams& p, cudaStream_t stream) {
   if (norm_row_threads(p.dtype, p.n) == 32) {
-    norm_backward_kernel<T, TW, 32>
-        <<<static_cast<unsigned>(cdiv(p.groups, kThreads / 32)), kThreads, 0, stream>>>(p);
+    FA_LAUNCH(static_cast<unsigned>(cdiv(p.groups, kThreads / 32)), kThreads, 0, stream,
+              norm_backward_kernel<T, TW, 32>)(p);
   } else {
-    norm_backward_kernel<T, TW, kThreads><<<static_cast<unsigned>(p.groups), kThreads, 0, stream>>>(p);
+    FA_LAUNCH(static_cast<unsigned>(p.groups), kThreads, 0, stream, norm_backward_kernel<T, TW, kThreads>)(p);
   }
   return cudaGetLastError();
 }

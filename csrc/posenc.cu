@@ -63,7 +63,7 @@ template <typename T>
 struct LaunchSinusoidal {
   static cudaError_t run(const SinusoidalParams& p, cudaStream_t stream) {
     const int64_t n = p.rows * ((p.d + 1) / 2);
-    sinusoidal_kernel<T><<<static_cast<unsigned>(cdiv(n, kThreads)), kThreads, 0, stream>>>(p);
+    FA_LAUNCH(static_cast<unsigned>(cdiv(n, kThreads)), kThreads, 0, stream, sinusoidal_kernel<T>)(p);
     return cudaGetLastError();
   }
 };
@@ -72,7 +72,7 @@ template <typename T>
 struct LaunchRotary {
   static cudaError_t run(const RotaryParams& p, cudaStream_t stream) {
     const int64_t n = p.rows * (p.rot / 2 + p.e - p.rot);
-    rotary_kernel<T><<<static_cast<unsigned>(cdiv(n, kThreads)), kThreads, 0, stream>>>(p);
+    FA_LAUNCH(static_cast<unsigned>(cdiv(n, kThreads)), kThreads, 0, stream, rotary_kernel<T>)(p);
     return cudaGetLastError();
   }
 };

@@ -12,6 +12,22 @@
 #define FA_UNROLL
 #endif
 
+// The three spellings that differ between nvcc and the host emulation (csrc/emulate): a kernel launch
+// `FA_LAUNCH(grid, block, smem, stream, kernel)(args...)`, a static shared array, and the dynamic shared
+// bytes of the launch. In the emulation shared memory is the emulator's, so that it can check every access.
+#if defined(FASTATTN_HOST_EMULATION)
+#define FA_LAUNCH(grid, block, smem, stream, ...) \
+  ::fastattn_emu::launch(#__VA_ARGS__, __VA_ARGS__, grid, block, smem, stream)
+#define FA_SHARED_ARRAY(T, name, n) \
+  static const char name##_key = 0;  \
+  T* const name = static_cast<T*>(::fastattn_emu::static_shared(&name##_key, sizeof(T) * (n), #name))
+#define FA_DYNAMIC_SHARED(name) unsigned char* const name = ::fastattn_emu::dynamic_shared()
+#else
+#define FA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define FA_SHARED_ARRAY(T, name, n) __shared__ T name[n]
+#define FA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace fastattn {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -5,9 +5,30 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fastattn {
 
+#if defined(FASTATTN_HOST_EMULATION)
+// The same operations in the host emulation (csrc/emulate/runtime.cpp), which checks them as it runs them.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  fastattn_emu::cp_async16(smem, gmem, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { fastattn_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  fastattn_emu::cp_async_wait(N);
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) { fastattn_emu::ldmatrix_x4(r, smem, false); }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem) {
+  fastattn_emu::ldmatrix_x4(r, smem, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "fp16 or bf16 operands");
+  fastattn_emu::mma_m16n8k16(d, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
+}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -54,5 +75,6 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 }  // namespace fastattn
