@@ -54,7 +54,7 @@ def cuda_refusal(
     return None
 
 
-def _args(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int) -> list:
+def _args(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int, seqlens_k=None) -> list:
     Z, H, L, E = q.shape
     km = 0 if key_mask is None else key_mask.data_ptr()
     km_stride = 0 if key_mask is None or key_mask.shape[0] == 1 else key_mask.stride(0)
@@ -63,7 +63,7 @@ def _args(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float, see
         scale,
         [mask.offset, mask.left or 0, mask.right or 0],
         [mask.left is not None, mask.right is not None],
-        0,  # per-batch key lengths: not used by these entry points (key padding comes as the mask)
+        cuda_ext.ptr(seqlens_k),  # per-batch key lengths (int32), or 0: the ops give key padding as a mask
         km,
         km_stride,
         dropout_p,
@@ -77,21 +77,46 @@ def _strides(*tensors: torch.Tensor) -> list:
     return [list(t.stride()[:3]) for t in tensors]
 
 
-def attention_fwd_cuda(q, k, v, key_mask, scale: float, mask: MaskSpec, dropout_p: float = 0.0, seed: int = 0):
-    """``out (Z, H, L, E)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log), by the CUDA kernel."""
+def attention_fwd_cuda(
+    q,
+    k,
+    v,
+    key_mask,
+    scale: float,
+    mask: MaskSpec,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    seqlens_k: torch.Tensor | None = None,
+):
+    """``out (Z, H, L, E)`` in q's dtype and ``lse (Z, H, L)`` float32 (natural log), by the CUDA kernel; keys
+    at or past ``seqlens_k[z]`` (int32, when given) take no part."""
     q, k, v = (cuda_ext.aligned_rows(t) for t in (q, k, v))
     Z, H, L, E = q.shape
     out = _new((Z, H, L, E), q.dtype, q.device)
     lse = _new((Z, H, L), torch.float32, q.device)
     code = cuda_ext.launch(q, "attention_forward",
         tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
-        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed), cuda_ext.stream(q),
+        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed, seqlens_k), cuda_ext.stream(q),
+        reads={"q": q, "k": k, "v": v, "key_mask": key_mask, "seqlens_k": seqlens_k}, writes={"out": out, "lse": lse},
     )  # fmt: skip
-    cuda_ext.check(code, "attention (CUDA forward)")
+    cuda_ext.check(code, "attention (CUDA forward)", q)
     return out, lse
 
 
-def attention_bwd_cuda(do, q, k, v, out, lse, key_mask, scale: float, mask: MaskSpec, dropout_p: float, seed: int):
+def attention_bwd_cuda(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    key_mask,
+    scale: float,
+    mask: MaskSpec,
+    dropout_p: float,
+    seed: int,
+    seqlens_k: torch.Tensor | None = None,
+):
     """``dq, dk, dv`` by the CUDA kernels (dQ through an fp32 buffer: its blocks add with atomics)."""
     do, q, k, v, out = (cuda_ext.aligned_rows(t) for t in (do, q, k, v, out))
     Z, H, L, E = q.shape
@@ -100,8 +125,11 @@ def attention_bwd_cuda(do, q, k, v, out, lse, key_mask, scale: float, mask: Mask
     dq_accum = torch.zeros((Z, H, L, E), dtype=torch.float32, device=q.device)
     code = cuda_ext.launch(q, "attention_backward",
         tuple(cuda_ext.ptr(t) for t in (q, k, v, out, lse)), _strides(q, k, v, out),
-        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed),
+        *_args(q, k, v, key_mask, scale, mask, dropout_p, seed, seqlens_k),
         [cuda_ext.ptr(t) for t in (do, delta, dq_accum, dq, dk, dv)], _strides(do, dq, dk, dv), cuda_ext.stream(q),
+        reads={"q": q, "k": k, "v": v, "out": out, "lse": lse, "dout": do, "key_mask": key_mask,
+               "seqlens_k": seqlens_k},
+        writes={"delta": delta, "dq_accum": dq_accum, "dq": dq, "dk": dk, "dv": dv},
     )  # fmt: skip
-    cuda_ext.check(code, "attention (CUDA backward)")
+    cuda_ext.check(code, "attention (CUDA backward)", q)
     return dq, dk, dv

@@ -28,7 +28,7 @@ def cuda_refusal(x, weight, bias, n: int, fused: bool) -> str | None:
         return f"they read weight and bias in one dtype, not {weight.dtype} and {bias.dtype}"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        ext, code = cuda_ext.ext(), cuda_ext.DTYPE_CODES[x.dtype]
+        ext, code = cuda_ext.ext(x.device), cuda_ext.DTYPE_CODES[x.dtype]
         vec = 16 // x.element_size()
         if n > ext.norm_bwd_max_n(code):
             return f"their backward keeps rows of up to {ext.norm_bwd_max_n(code)} {x.dtype} elements, not {n}"
@@ -53,21 +53,22 @@ def norm_fwd_cuda(x, n: int, weight, bias, eps: float, is_rms: bool):
         x2.data_ptr(), cuda_ext.ptr(weight), cuda_ext.ptr(bias), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         rows, n, x2.stride(0), y.stride(0), eps, cuda_ext.DTYPE_CODES[x.dtype], _w_code(x, weight, bias), is_rms,
         cuda_ext.stream(x),
+        reads={"x": x2, "weight": weight, "bias": bias}, writes={"y": y, "mean": mean, "rstd": rstd},
     )  # fmt: skip
-    cuda_ext.check(code, "layer_norm (CUDA forward)")
+    cuda_ext.check(code, "layer_norm (CUDA forward)", x)
     return y.view(x.shape), mean, rstd
 
 
 def norm_bwd_cuda(dy, x, n: int, weight, bias, mean, rstd, is_rms: bool):
     """``dx``, and the fp32 sums ``dweight``, ``dbias`` cast to the parameters' dtypes (None where absent)."""
-    ext = cuda_ext.ext()
+    ext = cuda_ext.ext(x.device)
     vec = 16 // x.element_size()
     x2, dy2 = cuda_ext.aligned_rows(_rows(x, n), vec), cuda_ext.aligned_rows(_rows(dy, n), vec)
     rows = x2.shape[0]
     weight = None if weight is None else weight.contiguous()
     dx = _new(x2.shape, x.dtype, x.device)
     code = cuda_ext.DTYPE_CODES[x.dtype]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = cuda_ext.multiprocessors(x)
     rows_per_block = 256 // ext.norm_row_threads(code, n)  # a group per row-thread team, a few blocks per SM
     groups = ext.norm_bwd_groups(rows, 4 * sms * rows_per_block)
     # Every group writes its whole partial row; with no rows at all nothing is written, so start from zeros then.
@@ -78,8 +79,10 @@ def norm_bwd_cuda(dy, x, n: int, weight, bias, mean, rstd, is_rms: bool):
         x2.data_ptr(), cuda_ext.ptr(weight), dy2.data_ptr(), dx.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         cuda_ext.ptr(dw), cuda_ext.ptr(db), rows, n, x2.stride(0), dy2.stride(0), dx.stride(0), groups, code,
         _w_code(x, weight, bias), is_rms, cuda_ext.stream(x),
+        reads={"x": x2, "weight": weight, "dy": dy2, "mean": mean, "rstd": rstd},
+        writes={"dx": dx, "dw_partial": dw, "db_partial": db},
     )  # fmt: skip
-    cuda_ext.check(err, "layer_norm (CUDA backward)")
+    cuda_ext.check(err, "layer_norm (CUDA backward)", x)
     dweight = None if dw is None else dw.sum(0).to(weight.dtype)
     dbias = None if db is None else db.sum(0).to(bias.dtype)
     return dx.view(x.shape), dweight, dbias
