@@ -49,3 +49,12 @@ def patch_bf16() -> None:
     create_dot._fastattn_bf16 = True
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl  # the create_fp_trunc/_ext/... entries dispatch through self.cast_impl
+
+
+def patch_if_interpreting() -> None:
+    """Apply the fixes when Triton's interpreter runs the kernels: every Triton launcher module calls this when
+    it is imported, so that no kernel's numerics depend on which launcher was imported first."""
+    from .._backend import interpreting
+
+    if interpreting():
+        patch_bf16()

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..._backend import interpreting
 from ..._kernel_log import record
+from .._interpreter import patch_if_interpreting
 from ..common import new_buffer as _new
 from .args import (
     Dropout,
@@ -49,10 +50,7 @@ from .configs import (
 from .fwd_kernel import _attention_fwd_kernel
 from .spec import MaskSpec, RotarySpec, Varlen
 
-if interpreting():
-    from .._interpreter import patch_bf16
-
-    patch_bf16()
+patch_if_interpreting()
 
 
 def _rows(varlen: Varlen | None, q: torch.Tensor, H: int, L: int, k: torch.Tensor | None = None) -> Rows:

@@ -7,9 +7,12 @@ import triton
 
 from ..._backend import interpreting
 from ..._kernel_log import record
+from .._interpreter import patch_if_interpreting
 from ..common import new_buffer as _new
 from ..common import rows2d as _rows
 from .kernels import _norm_bwd_kernel, _norm_fwd_kernel
+
+patch_if_interpreting()
 
 # Widest row kept in registers in one tile; wider rows are walked in tiles of this size.
 MAX_TILE = 8192

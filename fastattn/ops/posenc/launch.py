@@ -6,10 +6,13 @@ import torch
 import triton
 
 from ..._kernel_log import record
+from .._interpreter import patch_if_interpreting
 from ..common import new_buffer
 from ..common import rows2d as _rows
 from .kernels import _rotary_kernel, _sinusoidal_kernel
 from .reference import inv_freq
+
+patch_if_interpreting()
 
 
 def sinusoidal_tiles(d: int) -> tuple[int, int]:
