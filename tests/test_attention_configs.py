@@ -159,7 +159,7 @@ def test_forced_gpu_config(run_id, dtype, bd, mode, chosen, monkeypatch):
     monkeypatch.setattr(attention_launch, "pick", recording_pick)
     variant = int(run_id.rsplit("-", 1)[1]) % 2
     E = bd if variant == 0 else bd * 3 // 4
-    N, H, HK, L, S = 1, 4, 2, 150, 130
+    N, H, HK, L, S = 1, 2, 1, 150, 130  # two query heads on one key head: GQA at half the interpreter's time
     q = randn(N, H, L, E, dtype=dtype, requires_grad=True)
     k, v = (randn(N, HK, S, E, dtype=dtype, requires_grad=True) for _ in range(2))
     i, j = torch.arange(L)[:, None] + S - L, torch.arange(S)[None, :]
