@@ -108,6 +108,10 @@ class BuildCuda(build_ext):
         super().build_extension(ext)
 
 
+def _csrc_files() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+
+
 def _host_extension() -> Extension:
     import pybind11
 
@@ -116,6 +120,7 @@ def _host_extension() -> Extension:
         sources=[str((CSRC / "bindings.cpp").relative_to(ROOT))],
         include_dirs=[pybind11.get_include(), str(CSRC / "emulate" / "include"), str(CSRC / "include")],
         define_macros=[("FASTATTN_HOST_EMULATION", "1"), ("FASTATTN_CUDA_ARCHS", '"host"')],
+        depends=_csrc_files(),  # rebuilt when any kernel, header or the emulator changes
         libraries=["dl", "pthread"],
         extra_compile_args=["-O1", "-std=c++17"],
         language="c++",
@@ -137,6 +142,7 @@ def _extensions() -> list[Extension]:
             include_dirs=[pybind11.get_include(), str(CSRC / "include"), str(home / "include")],
             library_dirs=[str(lib)],
             libraries=["cudart_static", "rt", "dl", "pthread"],
+            depends=_csrc_files(),
             extra_compile_args=["-O3", "-std=c++17"],
             language="c++",
         )

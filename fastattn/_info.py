@@ -41,6 +41,12 @@ def info() -> dict:
             if f"{major}{minor}" not in compiled:
                 usable, why = False, f"sm_{major}{minor} is not among the compiled archs {rt['archs']}"
         out["cuda_backend"] = {"usable": usable, "why": why, "archs": rt["archs"], "runtime": rt["runtime_version"]}
+    try:  # the same kernels on CPU tensors, through the host emulation (csrc/emulate)
+        importlib.import_module("fastattn._C_host")
+    except ImportError as exc:
+        out["cuda_emulation"] = {"usable": False, "why": f"fastattn._C_host is not built ({exc}); needs g++ at install"}
+    else:
+        out["cuda_emulation"] = {"usable": True, "why": ""}
     return out
 
 
@@ -54,4 +60,6 @@ def main() -> int:
         entry = report[name]
         state = "usable" if entry["usable"] else f"not usable: {entry['why']}"
         print(f"  {name.replace('_backend', ''):7s} {state}")
+    emu = report["cuda_emulation"]
+    print(f"  cuda on CPU tensors (host emulation): {'usable' if emu['usable'] else 'not usable: ' + emu['why']}")
     return 0

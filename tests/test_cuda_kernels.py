@@ -290,3 +290,27 @@ def test_cuda_sinusoidal_and_rotary(dtype, calls):
     assert_close(rk, rotary_reference(xd[:, :1], pos, 10000.0, False, 48), dtype,
                  torch_rotary(x[:, :1], pos_d, 48, False), "rotary k")  # fmt: skip
     assert calls == {"sinusoidal_forward:cuda": 1, "rotary_forward:cuda": 2}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the host emulation's own checks, on CPU tensors")
+def test_the_emulation_checks_what_the_launchers_register(monkeypatch):
+    """The launchers register the bytes of each tensor a kernel may touch: with the output registered 16 bytes
+    short, the kernel's last stores land outside it and the launch raises, naming the buffer; the emulator's
+    counts show that it ran the barriers, warp operations and copies of a real launch."""
+    from fastattn.ops import cuda_ext
+
+    host = cuda_ext.ext(torch.device("cpu"))
+    q, k, v = (randn(1, 2, 64, 64, dtype=torch.float16) for _ in range(3))
+    before = host.stats()
+    attention_cuda.attention_fwd_cuda(q, k, v, None, 0.125, MaskSpec())
+    after = host.stats()
+    for what in ("barriers", "warp_collectives", "cp_async_landed", "shared_accesses", "global_accesses"):
+        assert after.get(what, 0) > before.get(what, 0), what
+    real = cuda_ext.launch
+
+    def short_output(t, name, *args, reads=None, writes=None):
+        return real(t, name, *args, reads=reads, writes={**writes, "out": writes["out"].flatten()[:-8]})
+
+    monkeypatch.setattr(cuda_ext, "launch", short_output)
+    with pytest.raises(host.EmulationError, match="out-of-bounds global write .* beyond the end of out"):
+        attention_cuda.attention_fwd_cuda(q, k, v, None, 0.125, MaskSpec())

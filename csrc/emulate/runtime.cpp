@@ -326,8 +326,8 @@ void global_access(uintptr_t a, size_t n, bool write, uintptr_t pc, const char* 
   std::string near;
   for (const Buffer& b : e.buffers) {
     if (a + n > b.ptr && a < b.ptr + b.bytes + 4096)
-      near = " (" + std::to_string(int64_t(a) - int64_t(b.ptr + b.bytes)) + " bytes past the end of " + b.name + ", " +
-             std::to_string(b.bytes) + " bytes)";
+      near = " (reaching " + std::to_string(int64_t(a + n) - int64_t(b.ptr + b.bytes)) + " bytes beyond the end of " +
+             b.name + ", " + std::to_string(b.bytes) + " bytes)";
     else if (a < b.ptr && a + 4096 > b.ptr)
       near = " (" + std::to_string(b.ptr - a) + " bytes before " + b.name + ")";
   }
