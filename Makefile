@@ -1,4 +1,5 @@
-# Entry points (README): `make bench` (the main job), `make demo` and `make test`. Each sets up .venv first.
+# Entry points (README): `make bench` (the main job), `make demo` and `make test`. Each sets up .venv first
+# (--no-compile: Python byte-compiles the modules it imports, not all of torch's at install time).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements-cpu.txt pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q --no-compile -r requirements-cpu.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -131,7 +131,7 @@ def test_a_planted_bug_is_caught(objects, tmp_path, kernel, old, new, args, mess
 def test_the_emulation_runs_clean_under_address_sanitizer(tmp_path):
     """The emulator's own runtime and the kernels built with AddressSanitizer and UBSan (instead of the access
     hooks: GCC takes one of the two instrumentations per file): the control runs complete with no report."""
-    cmd = ["g++", "-x", "c++", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", *FLAGS]
+    cmd = ["g++", "-x", "c++", "-O0", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", *FLAGS]
     sources = [CSRC / "emulate" / "runtime.cpp", CSRC / "emulate" / "tests" / "driver.cpp",
                *(CSRC / f"{name}.cu" for name in KERNELS)]  # fmt: skip
     objs = [tmp_path / f"{src.stem}.o" for src in sources]
@@ -145,7 +145,7 @@ def test_the_emulation_runs_clean_under_address_sanitizer(tmp_path):
     if out.returncode != 0 and "asan" in out.stderr.lower():
         pytest.skip(f"no AddressSanitizer runtime here: {out.stderr[-200:]}")
     assert out.returncode == 0, out.stderr
-    for case in CASES:
+    for case in (CASES[1], CASES[2], CASES[5]):  # both head dims forward and backward, the norms' block path
         run = subprocess.run([str(exe), *map(str, case)], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})  # fmt: skip
         assert run.returncode == 0 and "runtime error" not in run.stderr, f"{case}: {run.stdout}{run.stderr}"
