@@ -101,6 +101,7 @@ def decode_attention(
     block_table: torch.Tensor | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    check: bool = False,
 ) -> torch.Tensor:
     """Attention of a few new query tokens per sequence over a key/value cache (inference: no gradient).
 
@@ -117,6 +118,11 @@ def decode_attention(
     Paged cache: with ``block_table`` int32 ``(N, max_pages)``, the caches are pools of pages ``(num_pages,
     H_kv, page_size, E / Ev)`` and position p of sequence n lives at row ``p % page_size`` of page
     ``block_table[n, p // page_size]`` (pages in any order; the kernels walk the table).
+
+    No host synchronization (a decode step can be captured in a CUDA graph and compiles with
+    ``fullgraph=True``): what shapes, dtypes and arguments tell raises ValueError before anything runs; the
+    lengths and the table entries in use are device data, checked by a device-side assert that never waits for
+    the device, or with ``check=True`` read on the host (one copy) and refused with ValueError first.
     """
     paged = block_table is not None
     if paged:
@@ -125,18 +131,26 @@ def decode_attention(
            v_new)  # fmt: skip
     N, H, L, E = q.shape
     s_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    # One small copy: the bounds (lengths, and the range of the table's pages in use) must hold before the cache
-    # is written. Entries past a sequence's last page are not read: serving engines leave -1 there.
-    extra = _pages_in_use_range(block_table, cache_seqlens, L if k_new is not None else 0, k_cache.shape[2]) \
-        if paged else cache_seqlens[:0]  # fmt: skip
-    host = torch.cat([cache_seqlens, extra]).tolist()
-    filled = host[:N]
-    limit = s_max - (L if k_new is not None else 0)
-    if any(n < 0 or n > limit for n in filled):
-        raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
-    if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
-        raise ValueError(f"{_API}: block_table entries of the pages in use must be in [0, {k_cache.shape[0]}); got "
-                         f"entries from {host[N]} to {host[N + 1]}")  # fmt: skip
+    # The bounds (lengths, and the range of the table's pages in use) must hold before the cache is written.
+    # Entries past a sequence's last page are not read: serving engines leave -1 there.
+    new_rows = L if k_new is not None else 0
+    limit = s_max - new_rows
+    pages = _pages_in_use_range(block_table, cache_seqlens, new_rows, k_cache.shape[2]) if paged else None
+    if check:
+        host = torch.cat([cache_seqlens, pages if paged else cache_seqlens[:0]]).tolist()
+        filled = host[:N]
+        if any(n < 0 or n > limit for n in filled):
+            raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
+        if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
+            raise ValueError(f"{_API}: block_table entries of the pages in use must be in [0, {k_cache.shape[0]}); "
+                             f"got entries from {host[N]} to {host[N + 1]}")  # fmt: skip
+    else:
+        torch._assert_async(((cache_seqlens >= 0) & (cache_seqlens <= limit)).all(),
+                            f"{_API}: cache_seqlens must be in [0, {limit}] (check=True says which)")  # fmt: skip
+        if paged:
+            torch._assert_async((pages[0] >= 0) & (pages[1] < k_cache.shape[0]),
+                                f"{_API}: block_table entries of the pages in use must be in [0, "
+                                f"{k_cache.shape[0]})")  # fmt: skip
     q, k_new, v_new = _autocast(q, k_new, v_new)
     if k_new is not None:
         k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
@@ -166,26 +180,49 @@ def decode_attention(
             k_cache[rows, :, slots] = k_new.permute(0, 2, 1, 3)
             v_cache[rows, :, slots] = v_new.permute(0, 2, 1, 3)
         lengths = cache_seqlens + (L if k_new is not None else 0)
-        causal = MaskSpec(offset=0, right=0)  # VARLEN offsets are relative: bottom-right per sequence
         if use_triton(_API, q.device, triton_refusal(q, v_cache)):
             triton_only(_API)
-            return _decode_kernels(q, k_cache, v_cache, lengths, causal, scale_f, alibi, num_splits, block_table,
-                                   s_max, cap, sink)  # fmt: skip
-        outs = []
-        for n in range(N):
-            s = filled[n] + (L if k_new is not None else 0)  # from the host copy: no sync per sequence
-            if paged:  # the reference reads the sequence's pages in order
-                pages = block_table[n, : -(-s // k_cache.shape[2])].long()
-                kn, vn = (c[pages].transpose(0, 1).flatten(1, 2)[None, :, :s] for c in (k_cache, v_cache))
-            else:
-                kn, vn = k_cache[n : n + 1, :, :s], v_cache[n : n + 1, :, :s]
-            a = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[n])
-            record("decode_attention", "attention_reference", "torch")
-            out, _ = attention_reference(
-                q[n : n + 1], kn, vn, None, scale_f, MaskSpec(s - L, None, 0), alibi=a, softcap=cap, sinks=sink
-            )
-            outs.append(out)
-        return torch.cat(outs).to(q.dtype)
+            return torch.ops.fastattn.decode_fwd(q, k_cache, v_cache, lengths, alibi, block_table, sink, scale_f,
+                                                 num_splits, cap)  # fmt: skip
+        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink)
+
+
+def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks):
+    """The PyTorch reference on the whole batch at once, over every cache row (no per-sequence loop, no host
+    read): query t of sequence n, at position first[n] + t, sees the keys j <= that position below lengths[n]."""
+    N, H, L, _ = q.shape
+    if block_table is not None:  # the pages of each sequence in order; unused entries (any value) are masked
+        table = block_table.long().clamp(0, k_cache.shape[0] - 1)
+        k_cache, v_cache = (c[table].permute(0, 2, 1, 3, 4).flatten(2, 3) for c in (k_cache, v_cache))
+    pos = first[:, None] + torch.arange(L, device=q.device)  # (N, L)
+    j = torch.arange(k_cache.shape[2], device=q.device)
+    keep = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < lengths[:, None, None].long())
+    bias = keep[:, None]
+    if alibi is not None:  # -slope * |position of the query - j|, per sequence
+        slopes = alibi.float().reshape(-1 if alibi.dim() == 2 else 1, H, 1, 1)
+        dist = (pos[:, None, :, None] - j).abs().float()
+        bias = torch.where(bias, -slopes * dist, float("-inf"))
+    record("decode_attention", "attention_reference", "torch")
+    out, _ = attention_reference(q, k_cache, v_cache, bias, scale, MaskSpec(), softcap=softcap, sinks=sinks)
+    return out.to(q.dtype)
+
+
+@torch.library.custom_op("fastattn::decode_fwd", mutates_args=())
+def decode_fwd_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, alibi: torch.Tensor | None,
+    block_table: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, num_splits: int | None,
+    softcap: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """The decode kernels on checked inputs whose new keys are already in the caches (``lengths`` counts them)."""
+    s_max = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    # VARLEN offsets are relative: causal is bottom-right per sequence.
+    return _decode_kernels(q, k_cache, v_cache, lengths, MaskSpec(offset=0, right=0), scale, alibi, num_splits,
+                           block_table, s_max, softcap, sinks)  # fmt: skip
+
+
+@decode_fwd_op.register_fake
+def _(q, k_cache, v_cache, lengths, alibi, block_table, sinks, scale, num_splits, softcap):
+    return q.new_empty((*q.shape[:3], v_cache.shape[3]))
 
 
 def _decode_kernels(q, k_cache, v_cache, lengths, causal, scale, alibi, num_splits, block_table, s_max, softcap=None,

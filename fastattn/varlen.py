@@ -13,9 +13,8 @@ from .ops.common import dropout_seed
 _API = "varlen_attention"
 
 
-def _check_cu(name: str, cu, total: int, device) -> list[int]:
-    """The cumulative lengths as a list, checked (one small device-to-host copy: bad boundaries must fail
-    here, before any kernel reads memory through them)."""
+def _check_cu(name: str, cu, total: int, device) -> None:
+    """What the offsets' type and shape tell, checked on the host (no device data read)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{_API}(): argument '{name}' must be Tensor, not {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
@@ -23,12 +22,25 @@ def _check_cu(name: str, cu, total: int, device) -> list[int]:
                          f"{tuple(cu.shape)}")  # fmt: skip
     if cu.device != device:
         raise ValueError(f"{_API}: {name} is on {cu.device}, the inputs on {device}")
-    values = cu.tolist()
-    if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{_API}: {name} must start at 0 and never decrease; got {values[:8]}...")
-    if values[-1] != total:
-        raise ValueError(f"{_API}: the last entry of {name} ({values[-1]}) must be the total length {total}")
-    return values
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, longest: int, host: bool) -> None:
+    """The offsets' values: from 0, never decreasing, to ``total``, no sequence above ``longest``. ``host``:
+    read them (one device-to-host copy) and raise ValueError before any kernel; else a device-side assert,
+    which never waits for the device (a failure surfaces as a device error at the next synchronization)."""
+    lengths = cu[1:] - cu[:-1]
+    if host:
+        values = cu.tolist()
+        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{_API}: {name} must start at 0 and never decrease; got {values[:8]}...")
+        if values[-1] != total:
+            raise ValueError(f"{_API}: the last entry of {name} ({values[-1]}) must be the total length {total}")
+        if max(b - a for a, b in zip(values, values[1:])) > longest:
+            raise ValueError(f"{_API}: a sequence of {name} is longer than its max_seqlen ({longest})")
+        return
+    ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+    torch._assert_async(ok, f"{_API}: {name} must start at 0, never decrease, end at {total}, no sequence above "
+                        f"{longest} (check=True says which)")  # fmt: skip
 
 
 def varlen_attention(
@@ -47,6 +59,7 @@ def varlen_attention(
     return_lse: bool = False,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    check: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over sequences of different lengths packed along the first dimension, no padding.
 
@@ -56,7 +69,11 @@ def varlen_attention(
     ``causal`` and ``window`` are per sequence and bottom-right aligned as in :func:`fastattn.attention`.
     ``softcap`` and ``sinks`` ``(H,)`` as in :func:`fastattn.attention` (the sinks get their gradient).
     Returns ``out (total_q, H, Ev)`` and, with ``return_lse``, ``lse (H, total_q)`` float32. Equal, sequence
-    by sequence, to :func:`fastattn.attention` on each sequence alone. Bad input: ValueError / TypeError.
+    by sequence, to :func:`fastattn.attention` on each sequence alone. Bad input: ValueError / TypeError,
+    before any kernel runs, for everything shapes, dtypes and arguments tell. The offsets' values are device
+    data: checked by a device-side assert that never waits for the device (the call stays free of host
+    synchronization and compiles with ``fullgraph=True``), or, with ``check=True``, read on the host (one copy)
+    and refused with ValueError first.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -67,34 +84,33 @@ def varlen_attention(
     if q.shape[2] != k.shape[2] or k.shape[:2] != v.shape[:2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"{_API}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          f"(same head dim for q and k, same rows and heads for k and v, H_kv dividing H)")  # fmt: skip
-    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if len(cu_q) != len(cu_k):
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{_API}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
-                         f"{len(cu_q) - 1} and {len(cu_k) - 1}")  # fmt: skip
-    longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
-    longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
-    if max_seqlen_q < longest_q or max_seqlen_k < longest_k:
-        raise ValueError(f"{_API}: max_seqlen_q / max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) below the longest "
-                         f"sequences ({longest_q}, {longest_k})")  # fmt: skip
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")  # fmt: skip
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{_API}: {name} must be a non-negative int (a bound on the lengths); got {m!r}")
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, check)
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, check)
     q, k, v = _autocast(q, k, v)
     p = _check_dropout(_API, ValueError, dropout_p, upper_inclusive=False)
     scale_f = _check_scale(_API, scale, q.shape[-1])
     left, right = _check_window(window, causal)
     cap = check_softcap(_API, softcap)
     sink = None if sinks is None else check_sinks(_API, sinks, q.transpose(0, 1))
-    out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, scale_f, left, right, p, cap, sink)
+    out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale_f, left, right, p, cap,
+                    sink)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], scale, left, right, p, softcap=None,
+def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, longest_q: int, longest_k: int, scale, left, right, p, softcap=None,
          sinks=None):  # fmt: skip
-    """Checked packed inputs (offsets on the device and as lists) to ``(out, lse)`` on the kernels or the
-    reference; no host copy here."""
+    """Checked packed inputs (offsets on the device, bounds on the lengths) to ``(out, lse)`` on the kernels or
+    the reference; no host copy here."""
     if use_triton(_API, q.device, triton_refusal(q, v)):
         triton_only(_API)
-        longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
-        longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
         starts_q, starts_k = cu_seqlens_q[:-1], cu_seqlens_k[:-1]
         len_q, len_k = cu_seqlens_q[1:] - starts_q, cu_seqlens_k[1:] - starts_k
         seq = torch.stack([starts_q, len_q, starts_k, len_k, len_k - len_q], 1)  # bottom-right per sequence
@@ -102,7 +118,8 @@ def _run(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q: list[int], cu_k: list[int], 
             q, k, v, seq.contiguous(), sinks, dropout_seed(p), scale, softcap, left, right, p, max(longest_q, 1),
             max(longest_k, 1),
         )  # fmt: skip
-    return varlen_reference(q, k, v, cu_q, cu_k, scale, left, right, p, softcap, sinks)
+    return varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, longest_q, longest_k, scale, left, right, p, softcap,
+                            sinks)  # fmt: skip
 
 
 def unpad(x: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -125,45 +142,44 @@ def pad(x: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torc
     return out.index_put((indices,), x).unflatten(0, (batch, seqlen))
 
 
-# Share of padded keys above which attention runs on packed keys (the kernels then never visit padding).
-PACK_THRESHOLD = 0.25
-
-
 def padded_key_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor | None:
-    """Attention of every query over the real keys only, or None when packing does not apply or pay here.
+    """Attention of every query over the real keys only, or None when the kernels do not run here or the mask
+    does not fit (then the caller attends with the mask as it is).
 
     q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``; ``key_mask`` ``(N, S)``: bool (True = a real key) or an
-    additive float mask, which packs only when its entries are 0 (keep) or -inf (drop). The result is SDPA's with
-    that mask (rows of a sequence without keys give 0), computed by the varlen kernels on packed keys when the
-    kernels run and at least PACK_THRESHOLD of the keys are padding. Deciding costs one small host copy."""
+    additive float mask of 0 (keep) and -inf (drop) entries (other values: a device-side assert). The result is
+    SDPA's with that mask (rows of a sequence without keys give 0). No host synchronization: each sequence's
+    real keys are moved to its front by a stable sort on the device, and the varlen kernels attend to the first
+    ``count[n]`` keys of row n (they never visit the padding, wherever it was)."""
     from ._backend import current_backend, interpreting
 
     backend = current_backend()
     kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
-    if not kernels or key_mask.shape != (q.shape[0], k.shape[2]):
+    if not kernels or key_mask.shape != (q.shape[0], k.shape[2]) or triton_refusal(q, v) is not None:
         return None
     if key_mask.dtype == torch.bool:
-        keep, packable = key_mask, torch.ones((), dtype=torch.bool, device=key_mask.device)
+        keep = key_mask
     else:
         keep = key_mask == 0
-        packable = (keep | torch.isneginf(key_mask)).all()
+        torch._assert_async((keep | torch.isneginf(key_mask)).all(),
+                            "padded_key_attention: a float key padding mask may hold only 0 and -inf")  # fmt: skip
+    N, H, L, E = q.shape
+    S = k.shape[2]
     counts = keep.sum(1, dtype=torch.int32)
-    # One copy answers both questions (packable at all, and how much is padding) and gives the offsets.
-    host = torch.cat([packable.to(torch.int32)[None], counts]).tolist()
-    lengths = host[1:]
-    if not host[0] or 1.0 - sum(lengths) / keep.numel() < PACK_THRESHOLD:
-        return None
-    N, H, L, _ = q.shape
-    cu_k_list = [0]
-    for n in lengths:
-        cu_k_list.append(cu_k_list[-1] + n)
-    cu_q_list = list(range(0, (N + 1) * L, L))
-    cu_q = torch.tensor(cu_q_list, dtype=torch.int32, device=q.device)
-    cu_k = torch.tensor(cu_k_list, dtype=torch.int32, device=q.device)
-    flat = keep.flatten().nonzero().flatten()
-    k_p, v_p = (t.transpose(1, 2).flatten(0, 1)[flat] for t in (k, v))
-    out, _ = _run(q.transpose(1, 2).flatten(0, 1), k_p, v_p, cu_q, cu_k, cu_q_list, cu_k_list, q.shape[-1] ** -0.5,
-                  None, None, dropout_p)  # fmt: skip
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # real keys first, in order
+    k_c, v_c = (t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])) for t in (k, v))
+    rows = torch.arange(N, dtype=torch.int32, device=q.device)
+    # Sequence n's keys start at row n * S of the compacted keys; the first counts[n] of them are real. The
+    # padding after them forms a sequence of its own with no query, so that every key row belongs to one
+    # sequence and gets its (zero) gradient written.
+    real = torch.stack([rows * L, torch.full_like(rows, L), rows * S, counts, counts - L], 1)
+    rest = torch.stack([(rows + 1) * L, torch.zeros_like(rows), rows * S + counts, S - counts, S - counts], 1)
+    seq = torch.stack([real, rest], 1).flatten(0, 1).contiguous()
+    triton_only(_API)
+    q_p, k_p, v_p = (t.transpose(1, 2).flatten(0, 1) for t in (q, k_c, v_c))
+    out, _ = torch.ops.fastattn.varlen_fwd(
+        q_p, k_p, v_p, seq, None, dropout_seed(dropout_p), E**-0.5, None, None, None, dropout_p, max(L, 1), max(S, 1)
+    )  # fmt: skip
     return out.unflatten(0, (N, L)).transpose(1, 2)

@@ -83,7 +83,7 @@ def test_bad_cache_lengths_are_refused():
     q, k_cache, v_cache, k_new, v_new, _ = _setup([1, 2], 3)
     with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 37\]"):
         fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 38], dtype=torch.int32, device=DEVICE),
-                                  k_new=k_new, v_new=v_new)  # fmt: skip
+                                  k_new=k_new, v_new=v_new, check=True)  # fmt: skip
     with pytest.raises(ValueError, match="int32"):
         fastattn.decode_attention(q, k_cache, v_cache, torch.tensor([1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="together"):
@@ -116,7 +116,7 @@ def test_paged_cache_with_pages_out_of_order(L_new, splits, backend):
     back = pools[0][block_table.long()].transpose(1, 2).reshape(N, HK, S_max, E)
     assert torch.equal(back, k_cache)
     with pytest.raises(ValueError, match="block_table entries"):
-        fastattn.decode_attention(q, *pools, seqlens, block_table=block_table + 100)
+        fastattn.decode_attention(q, *pools, seqlens, block_table=block_table + 100, check=True)
 
 
 def test_bad_shapes_and_tables_are_refused():
@@ -130,7 +130,7 @@ def test_bad_shapes_and_tables_are_refused():
         fastattn.decode_attention(q, pool, pool, seqlens, block_table=torch.zeros(2, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="block_table entries"):  # a page in use (lengths 1 and 2: the first)
         table = torch.tensor([[0, 1, 2, 3, 4], [-1, 6, 7, 8, 9]], dtype=torch.int32, device=DEVICE)
-        fastattn.decode_attention(q, pool, pool, seqlens, block_table=table)
+        fastattn.decode_attention(q, pool, pool, seqlens, block_table=table, check=True)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

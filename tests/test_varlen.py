@@ -74,13 +74,13 @@ def test_bad_cu_seqlens_are_refused_before_any_kernel():
         (torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE), "total length 10"),
         (torch.tensor([1, 4, 10], dtype=torch.int32, device=DEVICE), "start at 0"),
     ]
-    for cu, message in bad:
+    for cu, message in bad:  # the values with check=True (by default a device-side assert: tests/test_no_sync)
         with pytest.raises(ValueError, match=message):
-            fastattn.varlen_attention(q, q, q, cu, good, 10, 10)
+            fastattn.varlen_attention(q, q, q, cu, cu, 10, 10, check=True)
     with pytest.raises(ValueError, match="same number of sequences"):
         fastattn.varlen_attention(q, q, q, good, _cu([10]), 10, 10)
-    with pytest.raises(ValueError, match="below the longest"):
-        fastattn.varlen_attention(q, q, q, good, good, 5, 10)
+    with pytest.raises(ValueError, match="longer than its max_seqlen"):
+        fastattn.varlen_attention(q, q, q, good, good, 5, 10, check=True)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         fastattn.varlen_attention(q, q, q, [0, 4, 10], good, 10, 10)
 

@@ -98,23 +98,46 @@ def _backward(ctx, dout, _dlse):
 varlen_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
-def varlen_reference(q, k, v, cu_q: list[int], cu_k: list[int], scale, left, right, dropout_p, softcap=None,
-                     sinks=None):  # fmt: skip
-    """Sequence by sequence through the PyTorch reference; ``(out (total_q, H, Ev), lse (H, total_q))``."""
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        qb = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1)[None]
-        kb = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1)[None]
-        vb = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1)[None]
-        spec = MaskSpec(kb.shape[2] - qb.shape[2], left, right)
-        if kb.shape[2] == 0:  # a sequence without keys: every row sees nothing (but its sink)
-            o = q.new_zeros((1, q.shape[1], qb.shape[2], v.shape[2]))
-            lse = torch.full((1, q.shape[1], qb.shape[2]), float("-inf"), device=q.device)
-            if sinks is not None:
-                lse = sinks.float().reshape(1, -1, 1).expand_as(lse)
-        else:
-            record("varlen_attention", "attention_reference", "torch")
-            o, lse = attention_reference(qb, kb, vb, None, scale, spec, dropout_p, softcap=softcap, sinks=sinks)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0].float())
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+def _gather_rows(x: torch.Tensor, cu: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed ``x (total, H, E)`` as a padded batch ``(B, H, rows, E)`` (rows past a sequence's end are its
+    last row again, or row 0), with each entry's packed row index and whether it is a real row; on the device,
+    no host copy."""
+    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    i = torch.arange(rows, device=x.device)
+    real = i[None, :] < lengths[:, None]
+    index = (starts[:, None] + i[None, :]).clamp(0, max(x.shape[0] - 1, 0))
+    padded = x[index] if x.shape[0] else x.new_zeros((index.shape[0], rows, *x.shape[1:]))
+    return padded.transpose(1, 2), index, real
+
+
+def varlen_reference(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale, left, right,
+                     dropout_p, softcap=None, sinks=None):  # fmt: skip
+    """The PyTorch reference on the whole batch at once: the sequences padded to ``max_q`` / ``max_k`` rows,
+    each one's visibility (bottom-right aligned, its own lengths) as a mask, and the real rows written back;
+    ``(out (total_q, H, Ev), lse (H, total_q))``. Reads no device data on the host."""
+    B = cu_q.numel() - 1
+    qb, index_q, real_q = _gather_rows(q, cu_q, max_q)
+    kb, _, real_k = _gather_rows(k, cu_k, max_k)
+    vb, _, _ = _gather_rows(v, cu_k, max_k)
+    len_q, len_k = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
+    i = torch.arange(max_q, device=q.device)[None, :, None] + (len_k - len_q)[:, None, None]  # i + offset
+    j = torch.arange(max_k, device=q.device)[None, None, :]
+    keep = real_q[:, :, None] & real_k[:, None, :]
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    record("varlen_attention", "attention_reference", "torch")
+    out, lse = attention_reference(qb, kb, vb, keep[:, None], scale, MaskSpec(), dropout_p, softcap=softcap,
+                                   sinks=sinks)  # fmt: skip
+    # Real rows go to their packed row, padding rows to one extra row that is dropped.
+    total = q.shape[0]
+    target = torch.where(real_q, index_q, total).flatten()
+    packed = out.new_zeros((total + 1, q.shape[1], v.shape[2]))
+    packed = packed.index_put((target,), out.transpose(1, 2).flatten(0, 1))
+    lse_packed = lse.new_zeros((q.shape[1], total + 1))
+    lse_packed = lse_packed.index_put(
+        (torch.arange(q.shape[1], device=q.device)[:, None], target[None, :]),
+        lse.transpose(0, 1).flatten(1, 2) if B else lse.new_zeros((q.shape[1], 0)),
+    )
+    return packed[:total], lse_packed[:, :total]

@@ -3,15 +3,23 @@ Imports no triton."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+_INV_FREQ: dict = {}
 
 
-@functools.lru_cache(maxsize=64)
 def inv_freq(pairs: int, d: int, base: float, device) -> torch.Tensor:
-    """float64 ``base^(-2j/d)`` for j < pairs; cached, so that a launch does not first launch its table."""
-    return base ** (-2.0 * torch.arange(pairs, dtype=torch.float64, device=device) / d)
+    """float64 ``base^(-2j/d)`` for j < pairs; cached, so that a launch does not first launch its table. Only
+    real tables are kept: one made under FakeTensorMode or while torch.compile traces would stand in for the
+    real one in every later call."""
+    key = (pairs, d, float(base), str(device))
+    table = _INV_FREQ.get(key)
+    if table is None:
+        table = base ** (-2.0 * torch.arange(pairs, dtype=torch.float64, device=device) / d)
+        if not isinstance(table, FakeTensor) and not torch.compiler.is_compiling() and len(_INV_FREQ) < 64:
+            _INV_FREQ[key] = table
+    return table
 
 
 def _angles(pos: torch.Tensor, pairs: int, d: int, base: float) -> torch.Tensor:
