@@ -22,6 +22,7 @@ import torch
 BACKENDS = ("auto", "triton", "gluon", "cuda", "torch")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
 _warned: set[str] = set()
+_ENV_NAMES: dict[str, str] = {}
 
 
 def _check_name(name: str, source: str) -> str:
@@ -37,7 +38,11 @@ def current_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto", "FASTATTN_BACKEND")
+    raw = os.environ.get("FASTATTN_BACKEND", "auto")
+    name = _ENV_NAMES.get(raw)
+    if name is None:  # checked once per value: this runs several times per op call
+        name = _ENV_NAMES[raw] = _check_name(raw.strip().lower() or "auto", "FASTATTN_BACKEND")
+    return name
 
 
 @contextlib.contextmanager

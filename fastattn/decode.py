@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _torch
 from ._attention import _autocast, _check_alibi, _check_scale, check_sinks, check_softcap
 from ._backend import triton_only, use_triton
 from ._kernel_log import record
@@ -11,6 +12,7 @@ from .ops.attention.reference import attention_reference
 from .ops.attention.spec import MaskSpec, Varlen
 from .ops.attention.support import triton_refusal
 from .ops.common import float32_params
+from .ops.common import host_readable as _host_readable
 from .posenc import RotaryEmbedding, apply_rotary
 
 _API = "decode_attention"
@@ -122,7 +124,8 @@ def decode_attention(
     No host synchronization (a decode step can be captured in a CUDA graph and compiles with
     ``fullgraph=True``): what shapes, dtypes and arguments tell raises ValueError before anything runs; the
     lengths and the table entries in use are device data, checked by a device-side assert that never waits for
-    the device, or with ``check=True`` read on the host (one copy) and refused with ValueError first.
+    the device, or with ``check=True`` read on the host (one copy) and refused with ValueError first (CPU
+    tensors are always read on the host, which costs no synchronization there, outside tracing).
     """
     paged = block_table is not None
     if paged:
@@ -136,7 +139,10 @@ def decode_attention(
     new_rows = L if k_new is not None else 0
     limit = s_max - new_rows
     pages = _pages_in_use_range(block_table, cache_seqlens, new_rows, k_cache.shape[2]) if paged else None
-    if check:
+    # CPU tensors: reading them is no device synchronization, so the values are checked on the host (the clear
+    # error) and steer the PyTorch path below; under tracing or FakeTensorMode nothing is read.
+    host_values = _host_readable(cache_seqlens)
+    if check or host_values:
         host = torch.cat([cache_seqlens, pages if paged else cache_seqlens[:0]]).tolist()
         filled = host[:N]
         if any(n < 0 or n > limit for n in filled):
@@ -170,7 +176,11 @@ def decode_attention(
             q, _ = apply_rotary(q, q[:, :1], positions=positions, base=rotary.base, interleaved=rotary.interleaved,
                                 rotary_dim=rotary.dim)  # fmt: skip
     with torch.no_grad():
-        if k_new is not None:
+        if k_new is not None and not paged and host_values and len(set(filled)) == 1:
+            # One length for the whole batch (a model's decode step): the new rows are one slice.
+            k_cache[:, :, filled[0] : filled[0] + L] = k_new
+            v_cache[:, :, filled[0] : filled[0] + L] = v_new
+        elif k_new is not None:
             if paged:
                 page_size = k_cache.shape[2]
                 rows = block_table.long().gather(1, positions // page_size)
@@ -184,20 +194,39 @@ def decode_attention(
             triton_only(_API)
             return torch.ops.fastattn.decode_fwd(q, k_cache, v_cache, lengths, alibi, block_table, sink, scale_f,
                                                  num_splits, cap)  # fmt: skip
-        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink)
+        longest = max(filled) + new_rows if host_values and N else None
+        if host_values and L == 1 and N and len(set(filled)) == 1 and not paged and (alibi, cap, sink) == (None,) * 3:
+            # One new query per sequence, one length (a model's decode step): it sees every cached key, so
+            # torch's SDPA runs on the filled rows with no mask at all.
+            record("decode_attention", "scaled_dot_product_attention", "torch")
+            kv = (k_cache[:, :, :longest], v_cache[:, :, :longest])
+            return _torch.scaled_dot_product_attention(q, *kv, scale=scale_f, enable_gqa=H != k_cache.shape[1])
+        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink, longest)
 
 
-def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks):
-    """The PyTorch reference on the whole batch at once, over every cache row (no per-sequence loop, no host
-    read): query t of sequence n, at position first[n] + t, sees the keys j <= that position below lengths[n]."""
+def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks, longest=None):
+    """The PyTorch path on the whole batch at once (no per-sequence loop): query t of sequence n, at position
+    first[n] + t, sees the keys j <= that position below lengths[n]. Without ALiBi, softcap or sinks it is
+    torch's own SDPA (its fused CPU kernel) with that mask, else the reference. ``longest`` (when the lengths
+    were read on the host) spares the cache rows past the longest sequence; else the mask covers them."""
     N, H, L, _ = q.shape
+    rows = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    if longest is not None:
+        rows = max(min(longest, rows), 1)
     if block_table is not None:  # the pages of each sequence in order; unused entries (any value) are masked
-        table = block_table.long().clamp(0, k_cache.shape[0] - 1)
+        pages = -(-rows // k_cache.shape[2])
+        table = block_table[:, :pages].long().clamp(0, k_cache.shape[0] - 1)
         k_cache, v_cache = (c[table].permute(0, 2, 1, 3, 4).flatten(2, 3) for c in (k_cache, v_cache))
+    k_cache, v_cache = k_cache[:, :, :rows], v_cache[:, :, :rows]
     pos = first[:, None] + torch.arange(L, device=q.device)  # (N, L)
-    j = torch.arange(k_cache.shape[2], device=q.device)
+    j = torch.arange(rows, device=q.device)
     keep = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < lengths[:, None, None].long())
     bias = keep[:, None]
+    if alibi is None and softcap is None and sinks is None:
+        record("decode_attention", "scaled_dot_product_attention", "torch")
+        out = _torch.scaled_dot_product_attention(q, k_cache, v_cache, bias, scale=scale,
+                                                  enable_gqa=q.shape[1] != k_cache.shape[1])  # fmt: skip
+        return torch.where(bias.any(-1, keepdim=True), out, 0.0)  # a row that sees no key: 0, not NaN
     if alibi is not None:  # -slope * |position of the query - j|, per sequence
         slopes = alibi.float().reshape(-1 if alibi.dim() == 2 else 1, H, 1, 1)
         dist = (pos[:, None, :, None] - j).abs().float()

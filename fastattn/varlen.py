@@ -9,6 +9,7 @@ from ._backend import triton_only, use_triton
 from .ops.attention.support import triton_refusal
 from .ops.attention.varlen import varlen_reference
 from .ops.common import dropout_seed
+from .ops.common import host_readable as _host_readable
 
 _API = "varlen_attention"
 
@@ -73,7 +74,8 @@ def varlen_attention(
     before any kernel runs, for everything shapes, dtypes and arguments tell. The offsets' values are device
     data: checked by a device-side assert that never waits for the device (the call stays free of host
     synchronization and compiles with ``fullgraph=True``), or, with ``check=True``, read on the host (one copy)
-    and refused with ValueError first.
+    and refused with ValueError first (CPU tensors are always read on the host, outside tracing: that costs no
+    synchronization there).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -92,8 +94,9 @@ def varlen_attention(
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"{_API}: {name} must be a non-negative int (a bound on the lengths); got {m!r}")
-    _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, check)
-    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, check)
+    host = check or _host_readable(cu_seqlens_q)  # CPU tensors: reading them costs no synchronization
+    _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, host)
+    _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, host)
     q, k, v = _autocast(q, k, v)
     p = _check_dropout(_API, ValueError, dropout_p, upper_inclusive=False)
     scale_f = _check_scale(_API, scale, q.shape[-1])

@@ -103,8 +103,9 @@ def test_varlen_and_padded_multihead_attention_compile_whole(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_values_fail_on_the_device_or_with_check(backend):
-    """Out-of-range cache lengths and offsets: a device-side assert by default (on the CPU it raises at once),
-    the clear ValueError with check=True."""
+    """Out-of-range cache lengths and offsets: the clear ValueError where the values can be read for free (CPU
+    tensors, eagerly) or with check=True; else a device-side assert, which a compiled call here shows (on the
+    CPU it raises at once; on a GPU it is asynchronous and poisons the context)."""
     q, kc, vc, _, k_new, v_new, _ = _decode_inputs(False)
     bad = torch.tensor([5, 48], dtype=torch.int32, device=DEVICE)
     cu = torch.tensor([0, 8, 10], dtype=torch.int32, device=DEVICE)
@@ -114,8 +115,10 @@ def test_bad_values_fail_on_the_device_or_with_check(backend):
             fastattn.decode_attention(q, kc, vc, bad, k_new=k_new, v_new=v_new, check=True)
         with pytest.raises(ValueError, match="longer than its max_seqlen"):
             fastattn.varlen_attention(q2, k2, v2, cu, cu_k, 7, 9, check=True)
-        if DEVICE.type == "cpu":  # on a GPU the assert is asynchronous: it poisons the context
-            with pytest.raises(RuntimeError, match="cache_seqlens must be in"):
+        if DEVICE.type == "cpu":
+            with pytest.raises(ValueError, match="cache_seqlens must be in"):
                 fastattn.decode_attention(q, kc, vc, bad, k_new=k_new, v_new=v_new)
+            with pytest.raises(RuntimeError, match="cache_seqlens must be in"):
+                _compiled(_decode)(q, kc, vc, bad, k_new, v_new, None)
             with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0"):
-                fastattn.varlen_attention(q2, k2, v2, cu, cu_k, 7, 9)
+                _compiled(_varlen)(q2, k2, v2, cu, cu_k)

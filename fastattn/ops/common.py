@@ -37,3 +37,11 @@ def rows2d(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     contiguous copy."""
     x2 = x.reshape(-1, x.shape[-1] if n is None else n)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host for free: a CPU tensor (no device to wait for), outside
+    tracing and FakeTensorMode (where a read is a graph break, or impossible)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor)

@@ -8,7 +8,7 @@ import torch
 from ..._backend import no_gluon_kernel, use_cuda, use_triton
 from ..._kernel_log import record
 from ..common import SUPPORTED_DTYPES
-from .reference import rotary_reference, sinusoidal_table
+from .reference import rotary_reference, rotary_tables, rotate_pairs, sinusoidal_table
 
 
 def _refusal(x: torch.Tensor) -> str | None:
@@ -90,7 +90,11 @@ def rotary_forward(x, pos, offset, base, interleaved, rot) -> torch.Tensor:
     if use_triton("apply_rotary", x.device, _refusal(x)):
         no_gluon_kernel("apply_rotary")
         return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "triton")
+    record("apply_rotary", "rotary_reference", "torch")
+    if pos is None and offset >= 0:  # positions offset.. from the cached tables: the same values, fewer ops
+        cos, sin = rotary_tables(rot, base, x.device, offset + x.shape[-2])
+        L = x.shape[-2]
+        return rotate_pairs(x, cos[offset : offset + L], sin[offset : offset + L], interleaved, rot)
     if pos is None:
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device)[None]
-    record("apply_rotary", "rotary_reference", "torch")
     return rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32)

@@ -34,6 +34,38 @@ def sinusoidal_table(positions: torch.Tensor, d: int, base: float = 10000.0) -> 
     return pe[..., :d]
 
 
+_TABLES: dict = {}
+
+
+def rotary_tables(rot: int, base: float, device, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin ``(>= end, rot/2)`` of the angles at positions 0.. (formed in float64, as
+    :func:`rotary_reference`), cached per (rot, base, device) and grown by doubling; none kept from tracing or
+    FakeTensorMode (see :func:`inv_freq`)."""
+    key = (rot, float(base), str(device))
+    tables = _TABLES.get(key)
+    if tables is None or tables[0].shape[0] < end:
+        size = max(256, 1 << max(end - 1, 1).bit_length())
+        a = _angles(torch.arange(size, device=device), rot // 2, rot, base)
+        tables = (a.cos().float(), a.sin().float())
+        if not isinstance(a, FakeTensor) and not torch.compiler.is_compiling() and len(_TABLES) < 16:
+            _TABLES[key] = tables
+    return tables
+
+
+def rotate_pairs(x, cos, sin, interleaved: bool, rot: int, compute_dtype=torch.float32) -> torch.Tensor:
+    """x (N, H, L, E) with the pairs of its first ``rot`` columns turned by the angles whose cos and sin are
+    given (broadcast against (N, H, L, rot/2)); the other columns pass through."""
+    xf = x.to(compute_dtype)
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
+    if interleaved:
+        x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
+    else:
+        x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 : rot]
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.stack([y1, y2], -1).flatten(-2) if interleaved else torch.cat([y1, y2], -1)
+    return torch.cat([rotated, xf[..., rot:]], -1).to(x.dtype) if rot < x.shape[-1] else rotated.to(x.dtype)
+
+
 def rotary_reference(x, pos, base, interleaved, rot, sign=1.0, compute_dtype=torch.float64):
     """Rotate pairs of the first ``rot`` columns of x (N, H, L, E) by ``sign * angle``; pos (N|1, L). Angles
     in float64; the rotation in ``compute_dtype`` (float32 on the PyTorch path, as the kernel)."""
