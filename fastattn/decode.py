@@ -195,7 +195,8 @@ def decode_attention(
             return torch.ops.fastattn.decode_fwd(q, k_cache, v_cache, lengths, alibi, block_table, sink, scale_f,
                                                  num_splits, cap)  # fmt: skip
         longest = max(filled) + new_rows if host_values and N else None
-        if host_values and L == 1 and N and len(set(filled)) == 1 and not paged and (alibi, cap, sink) == (None,) * 3:
+        one_length = host_values and N and len(set(filled)) == 1 and longest > 0
+        if one_length and L == 1 and not paged and (alibi, cap, sink) == (None,) * 3:
             # One new query per sequence, one length (a model's decode step): it sees every cached key, so
             # torch's SDPA runs on the filled rows with no mask at all.
             record("decode_attention", "scaled_dot_product_attention", "torch")

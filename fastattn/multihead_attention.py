@@ -154,6 +154,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         tgt_len, bsz, embed_dim = query.shape
         heads, head_dim = self.num_heads, self.head_dim
 
+        # A bool padding mask, kept to attend over packed keys (True = padding, as torch's); its float form
+        # (0 / -inf) is what every other path takes.
+        kpm_bool = key_padding_mask if key_padding_mask is not None and key_padding_mask.dtype == torch.bool else None
         key_padding_mask = F._canonical_mask(
             mask=key_padding_mask,
             mask_name="key_padding_mask",
@@ -218,6 +221,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+            kpm_bool = None if kpm_bool is None else F.pad(kpm_bool, (0, 1))  # the bias key is real
 
         # (L, N, E) -> (N, H, L, head_dim): views of the projections, no copies.
         q = q.view(tgt_len, bsz, heads, head_dim).permute(1, 2, 0, 3)
@@ -228,13 +232,14 @@ class MultiheadAttention(nn.MultiheadAttention):
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+            kpm_bool = None if kpm_bool is None else F.pad(kpm_bool, (0, 1))  # the zero key is real
         src_len = k.shape[2]
 
         dropout_p = self.dropout if self.training else 0.0
         # A key padding mask alone that leaves much of the batch empty: attend over the packed real keys.
-        if key_padding_mask is not None and attn_mask is None and not causal and not nan_rows:
+        if kpm_bool is not None and attn_mask is None and not causal and not nan_rows:
             _check_key_padding_mask(key_padding_mask, src_len, bsz)
-            out = padded_key_attention(q, k, v, key_padding_mask.view(bsz, src_len), dropout_p)
+            out = padded_key_attention(q, k, v, ~kpm_bool.reshape(bsz, src_len), dropout_p)
             if out is not None:
                 return self._project_out(out, tgt_len, bsz, embed_dim, is_batched)
         # Masks stay broadcast ((1|N, 1|H, L, S) and (N, 1, 1, S)); only both together are summed.

@@ -151,8 +151,7 @@ def padded_key_attention(
     """Attention of every query over the real keys only, or None when the kernels do not run here or the mask
     does not fit (then the caller attends with the mask as it is).
 
-    q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``; ``key_mask`` ``(N, S)``: bool (True = a real key) or an
-    additive float mask of 0 (keep) and -inf (drop) entries (other values: a device-side assert). The result is
+    q ``(N, H, L, E)``, k/v ``(N, H_kv, S, E/Ev)``; ``key_mask`` ``(N, S)`` bool, True = a real key. The result is
     SDPA's with that mask (rows of a sequence without keys give 0). No host synchronization: each sequence's
     real keys are moved to its front by a stable sort on the device, and the varlen kernels attend to the first
     ``count[n]`` keys of row n (they never visit the padding, wherever it was)."""
@@ -160,14 +159,13 @@ def padded_key_attention(
 
     backend = current_backend()
     kernels = backend != "torch" and (q.is_cuda or (interpreting() and backend != "auto"))
-    if not kernels or key_mask.shape != (q.shape[0], k.shape[2]) or triton_refusal(q, v) is not None:
+    # A float mask is packable only if its entries are all 0 or -inf, which only its values tell: it is attended
+    # with as it is (deciding would read device data).
+    if not kernels or key_mask.shape != (q.shape[0], k.shape[2]) or key_mask.dtype != torch.bool:
         return None
-    if key_mask.dtype == torch.bool:
-        keep = key_mask
-    else:
-        keep = key_mask == 0
-        torch._assert_async((keep | torch.isneginf(key_mask)).all(),
-                            "padded_key_attention: a float key padding mask may hold only 0 and -inf")  # fmt: skip
+    if triton_refusal(q, v) is not None:
+        return None
+    keep = key_mask
     N, H, L, E = q.shape
     S = k.shape[2]
     counts = keep.sum(1, dtype=torch.int32)

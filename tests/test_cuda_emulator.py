@@ -145,7 +145,7 @@ def test_the_emulation_runs_clean_under_address_sanitizer(tmp_path):
     if out.returncode != 0 and "asan" in out.stderr.lower():
         pytest.skip(f"no AddressSanitizer runtime here: {out.stderr[-200:]}")
     assert out.returncode == 0, out.stderr
-    for case in (CASES[1], CASES[2], CASES[5]):  # both head dims forward and backward, the norms' block path
+    for case in (CASES[1], CASES[5]):  # attention forward and backward, the norms' block path
         run = subprocess.run([str(exe), *map(str, case)], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})  # fmt: skip
         assert run.returncode == 0 and "runtime error" not in run.stderr, f"{case}: {run.stdout}{run.stderr}"

@@ -18,9 +18,18 @@ D, HEADS = 16, 2
 
 @pytest.fixture
 def calls(monkeypatch):
+    """Attention calls of fastattn's MultiheadAttention: through its SDPA, or over packed keys (a bool key
+    padding mask on the kernels)."""
     counted = []
-    real = mha.scaled_dot_product_attention
-    monkeypatch.setattr(mha, "scaled_dot_product_attention", lambda *a, **k: counted.append(1) or real(*a, **k))
+    for name in ("scaled_dot_product_attention", "padded_key_attention"):
+        real = getattr(mha, name)
+
+        def counting(*a, _real=real, **k):
+            out = _real(*a, **k)
+            counted.extend([1] if out is not None else [])
+            return out
+
+        monkeypatch.setattr(mha, name, counting)
     return counted
 
 
