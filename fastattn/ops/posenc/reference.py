@@ -70,12 +70,4 @@ def rotary_reference(x, pos, base, interleaved, rot, sign=1.0, compute_dtype=tor
     """Rotate pairs of the first ``rot`` columns of x (N, H, L, E) by ``sign * angle``; pos (N|1, L). Angles
     in float64; the rotation in ``compute_dtype`` (float32 on the PyTorch path, as the kernel)."""
     a = _angles(pos, rot // 2, rot, base)[:, None]  # (N|1, 1, L, rot/2)
-    cos, sin = a.cos().to(compute_dtype), (a.sin() * sign).to(compute_dtype)
-    xf = x.to(compute_dtype)
-    if interleaved:
-        x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
-    else:
-        x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 : rot]
-    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    rotated = torch.stack([y1, y2], -1).flatten(-2) if interleaved else torch.cat([y1, y2], -1)
-    return torch.cat([rotated, xf[..., rot:]], -1).to(x.dtype)
+    return rotate_pairs(x, a.cos(), a.sin() * sign, interleaved, rot, compute_dtype)
