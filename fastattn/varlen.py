@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._attention import _autocast, _check_dropout, _check_scale, _check_window, check_sinks, check_softcap
@@ -91,9 +93,17 @@ def varlen_attention(
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{_API}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")  # fmt: skip
+    bounds = []
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        try:
+            bound = operator.index(m)  # ints, numpy integers (not floats, not tensors with more than one value)
+        except TypeError:
+            bound = -1
+        if isinstance(m, bool) or bound < 0:
             raise ValueError(f"{_API}: {name} must be a non-negative int (a bound on the lengths); got {m!r}")
+        bounds.append(bound)
+    # A loose bound is legal; no sequence is longer than its total, and the kernels' views must fit in it.
+    max_seqlen_q, max_seqlen_k = min(bounds[0], q.shape[0]), min(bounds[1], k.shape[0])
     host = check or _host_readable(cu_seqlens_q)  # CPU tensors: reading them costs no synchronization
     _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, host)
     _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, host)

@@ -191,3 +191,17 @@ def test_varlen_dropout_one_mask_for_forward_and_backward():
     assert_close(out, ref, torch.float32, None, "out")
     for name, g, w in zip("qkv", got, torch.autograd.grad(ref, ref_in, dout)):
         assert_close(g, w, torch.float32, None, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_loose_max_seqlen_is_a_bound_not_a_shape(backend):
+    """max_seqlen above every length (a model's context size, far above the batch's totals) and a numpy
+    integer: the same result as the tight bound."""
+    import numpy as np
+
+    q, k, v = (torch.randn(10, 2, 16, device=DEVICE) for _ in range(3))
+    cu = _cu([4, 6])
+    with fastattn.backend(backend):
+        tight = fastattn.varlen_attention(q, k, v, cu, cu, 6, 6, causal=True)
+        loose = fastattn.varlen_attention(q, k, v, cu, cu, 4096, np.int64(4096), causal=True)
+    assert_close(loose, tight.double(), torch.float32, None, "the loose bound's result")

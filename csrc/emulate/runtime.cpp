@@ -127,7 +127,7 @@ struct Emu {
   std::vector<Shadow> shadow;
   std::vector<Region> regions;
   std::unordered_map<const void*, StaticShared> statics;
-  size_t static_end = 0;
+  size_t static_end = 0, static_bytes = 0;  // arena offset past the last static array; their total size
   uint32_t epoch = 0;
   // global memory
   std::vector<Buffer> buffers;
@@ -606,7 +606,9 @@ uint32_t shfl(Shfl kind, uint32_t mask, uint32_t value, int arg, int width, cons
   complete(c, [&](Collective& c) {
     for (int l = 0; l < 32; ++l) {
       if (!((c.mask >> l) & 1u)) continue;
-      const int seg = l & ~(c.width - 1), a = int(c.lanes[l].in[1]);
+      // As shfl.sync: the lane / offset operand's bits [4:0]; a source past the segment's last lane (xor,
+      // down) or before its first (up) gives the lane's own value; xor may reach an earlier segment.
+      const int seg = l & ~(c.width - 1), last = seg + c.width - 1, a = int(c.lanes[l].in[1] & 31u);
       int src = l;
       switch (c.kind) {
         case Shfl::kIdx:
@@ -614,13 +616,13 @@ uint32_t shfl(Shfl kind, uint32_t mask, uint32_t value, int arg, int width, cons
           break;
         case Shfl::kXor:
           src = l ^ a;
-          if ((src & ~(c.width - 1)) != seg) src = l;
+          if (src > last) src = l;
           break;
         case Shfl::kDown:
-          src = (l + a < seg + c.width) ? l + a : l;
+          src = l + a <= last ? l + a : l;
           break;
         case Shfl::kUp:
-          src = (l - a >= seg) ? l - a : l;
+          src = l - a >= seg ? l - a : l;
           break;
       }
       if (src < 0 || src > 31 || !((c.mask >> src) & 1u))
@@ -769,10 +771,12 @@ void* static_shared(const void* key, size_t bytes, const char* name) {
   auto it = e.statics.find(key);
   if (it == e.statics.end()) {
     const size_t offset = (e.static_end + kRedzone + 15) & ~size_t(15);
-    if (offset + bytes + kRedzone > kArenaBytes || e.dynamic + (offset - e.static_end) + bytes > kMaxShared)
-      fail(std::string("static shared array ") + name + " does not fit in shared memory");
+    if (offset + bytes + kRedzone > kArenaBytes || e.dynamic + e.static_bytes + bytes > kMaxShared)
+      fail(std::string("static shared array ") + name + " does not fit in shared memory (" +
+           std::to_string(e.dynamic) + " dynamic + " + std::to_string(e.static_bytes + bytes) + " static bytes)");
     it = e.statics.emplace(key, StaticShared{offset, bytes}).first;
     e.static_end = offset + bytes;
+    e.static_bytes += bytes;
     e.regions.push_back({offset, offset + bytes, name});
   }
   return e.arena + it->second.offset;
@@ -822,6 +826,7 @@ void run_grid(const char* kernel, const void* fn, dim3 grid, dim3 block, size_t 
   e.regions.assign(1, Region{0, smem, "dynamic shared"});
   e.statics.clear();
   e.static_end = smem;
+  e.static_bytes = 0;
   prepare_stacks(threads);
   e.threads.resize(threads);
   e.warps.assign((threads + 31) / 32, Collective{});

@@ -153,12 +153,14 @@ Launch<F> launch(const char* name, F* fn, dim3 grid, dim3 block, size_t smem, cu
 
 template <typename T>
 T bits_to(uint32_t u) {
+  static_assert(sizeof(T) <= 4, "the emulated shuffles move 32-bit values (shuffle wider ones in halves)");
   T v;
   std::memcpy(&v, &u, sizeof(T));
   return v;
 }
 template <typename T>
 uint32_t to_bits(T v) {
+  static_assert(sizeof(T) <= 4, "the emulated shuffles move 32-bit values (shuffle wider ones in halves)");
   uint32_t u = 0;
   std::memcpy(&u, &v, sizeof(T));
   return u;
