@@ -195,21 +195,19 @@ def decode_attention(
             return torch.ops.fastattn.decode_fwd(q, k_cache, v_cache, lengths, alibi, block_table, sink, scale_f,
                                                  num_splits, cap)  # fmt: skip
         longest = max(filled) + new_rows if host_values and N else None
-        one_length = host_values and N and len(set(filled)) == 1 and longest > 0
-        if one_length and L == 1 and not paged and (alibi, cap, sink) == (None,) * 3:
-            # One new query per sequence, one length (a model's decode step): it sees every cached key, so
-            # torch's SDPA runs on the filled rows with no mask at all.
-            record("decode_attention", "scaled_dot_product_attention", "torch")
-            kv = (k_cache[:, :, :longest], v_cache[:, :, :longest])
-            return _torch.scaled_dot_product_attention(q, *kv, scale=scale_f, enable_gqa=H != k_cache.shape[1])
-        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink, longest)
+        # One new query per sequence and one length (a model's decode step): it sees every filled row.
+        unmasked = bool(host_values and N and L == 1 and len(set(filled)) == 1 and longest > 0)
+        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink, longest,
+                                 unmasked)  # fmt: skip
 
 
-def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks, longest=None):
+def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks, longest=None,
+                      unmasked=False):  # fmt: skip
     """The PyTorch path on the whole batch at once (no per-sequence loop): query t of sequence n, at position
     first[n] + t, sees the keys j <= that position below lengths[n]. Without ALiBi, softcap or sinks it is
     torch's own SDPA (its fused CPU kernel) with that mask, else the reference. ``longest`` (when the lengths
-    were read on the host) spares the cache rows past the longest sequence; else the mask covers them."""
+    were read on the host) spares the cache rows past the longest sequence; else the mask covers them.
+    ``unmasked``: every query sees every one of those rows (no mask is built)."""
     N, H, L, _ = q.shape
     rows = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
     if longest is not None:
@@ -219,6 +217,10 @@ def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, s
         table = block_table[:, :pages].long().clamp(0, k_cache.shape[0] - 1)
         k_cache, v_cache = (c[table].permute(0, 2, 1, 3, 4).flatten(2, 3) for c in (k_cache, v_cache))
     k_cache, v_cache = k_cache[:, :, :rows], v_cache[:, :, :rows]
+    if unmasked and alibi is None and softcap is None and sinks is None:
+        record("decode_attention", "scaled_dot_product_attention", "torch")
+        return _torch.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale,
+                                                   enable_gqa=q.shape[1] != k_cache.shape[1])  # fmt: skip
     pos = first[:, None] + torch.arange(L, device=q.device)  # (N, L)
     j = torch.arange(rows, device=q.device)
     keep = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < lengths[:, None, None].long())

@@ -348,7 +348,7 @@ inline void access(const void* p, size_t n, bool write, uintptr_t pc) {
   global_access(a, n, write, pc);
 }
 
-void land(Thread& t, int tid, std::vector<Copy>& group) {
+void land(int tid, std::vector<Copy>& group) {
   Emu& e = emu();
   for (Copy& c : group) {
     const size_t off = size_t(c.dst - e.arena);
@@ -361,7 +361,6 @@ void land(Thread& t, int tid, std::vector<Copy>& group) {
     }
     ++e.counts["cp_async_landed"];
   }
-  (void)t;
 }
 
 [[noreturn]] void fiber_main() {
@@ -372,7 +371,7 @@ void land(Thread& t, int tid, std::vector<Copy>& group) {
   if (!t.open.empty()) t.groups.push_back(std::move(t.open));
   t.open.clear();
   while (!t.groups.empty()) {
-    land(t, e.cur, t.groups.front());
+    land(e.cur, t.groups.front());
     t.groups.pop_front();
   }
   t.state = State::kDone;
@@ -750,7 +749,7 @@ void cp_async_wait(int n) {
   Emu& e = emu();
   Thread& t = e.threads[e.cur];
   while (t.groups.size() > size_t(n)) {
-    land(t, e.cur, t.groups.front());
+    land(e.cur, t.groups.front());
     t.groups.pop_front();
   }
 }
