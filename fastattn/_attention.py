@@ -14,7 +14,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _torch
-from ._backend import current_backend, use_triton
+from ._backend import current_backend, torch_path, use_triton
 from ._kernel_log import record
 from .mods import BlockMask, MaskMod, ScoreMod, as_mask_mod
 from .ops.attention.function import attention_forward
@@ -185,12 +185,15 @@ def scaled_dot_product_attention(
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
     _check_qkv(_SDPA, RuntimeError, query, key, value)
+    # The PyTorch path (the CPU under auto): our checks, which name the argument, then torch's op at once.
+    fast = not causal_bias and torch_path(query.device)
     spec, bias = None, None
     if causal_bias:
         spec, bias, attn_mask = _causal_bias(_SDPA, attn_mask, query, key, is_causal), attn_mask, None
     elif is_causal:
         spec = MaskSpec(offset=0, right=0)
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    if not fast:  # torch's op casts for itself
+        query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     p = _check_dropout(_SDPA, RuntimeError, dropout_p, upper_inclusive=True)
     scale_f = _check_scale(_SDPA, scale, query.shape[-1])
     S = key.shape[-2]
@@ -207,10 +210,12 @@ def scaled_dot_product_attention(
             raise RuntimeError(
                 f"{_SDPA}: number of heads in key and value ({hk}) must divide the number of heads in query ({hq})"
             )
-    if exotic is None and mask is None and not causal_bias and _measured_faster_in_torch(query, key, value, is_causal):
+    if fast or (
+        exotic is None and mask is None and not causal_bias and _measured_faster_in_torch(query, key, value, is_causal)
+    ):
         record("attention_fwd", "scaled_dot_product_attention", "torch")
         return _torch.scaled_dot_product_attention(
-            query, key, value, None, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
     if not use_triton(_SDPA, query.device, exotic or triton_refusal(query, value)):
         if causal_bias:  # torch's own handling of its bias (its fused bottom-right kernels where they apply)

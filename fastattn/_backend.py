@@ -38,11 +38,33 @@ def current_backend() -> str:
     name = _override.get()
     if name is not None:
         return name
-    raw = os.environ.get("FASTATTN_BACKEND", "auto")
+    raw = _env_value()
     name = _ENV_NAMES.get(raw)
     if name is None:  # checked once per value: this runs several times per op call
-        name = _ENV_NAMES[raw] = _check_name(raw.strip().lower() or "auto", "FASTATTN_BACKEND")
+        text = os.environ.get("FASTATTN_BACKEND", "auto")
+        name = _ENV_NAMES[raw] = _check_name(text.strip().lower() or "auto", "FASTATTN_BACKEND")
     return name
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTATTN_BACKEND") if _ENV_DATA is not None else None
+
+
+def _env_value():
+    """FASTATTN_BACKEND's raw value (None when unset), read per call (tests and users change it at run time)
+    from the mapping behind ``os.environ``, which spares the str encoding and decoding of ``os.environ.get``
+    (a microsecond of every op call on the CPU path)."""
+    if _ENV_DATA is None:
+        return os.environ.get("FASTATTN_BACKEND")
+    return _ENV_DATA.get(_ENV_KEY)
+
+
+def torch_path(device: torch.device) -> bool:
+    """Whether every kernel backend steps aside for tensors on ``device`` (``torch``, or ``auto`` off CUDA):
+    the public ops then call torch's own op at once, with torch's checks, so the CPU path costs what torch
+    costs (the checks and the dispatch below are per call, and at decode sizes they outweigh the op)."""
+    name = current_backend()
+    return name == "torch" or (name == "auto" and device.type != "cuda")
 
 
 @contextlib.contextmanager

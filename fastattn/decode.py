@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _torch
 from ._attention import _autocast, _check_alibi, _check_scale, check_sinks, check_softcap
-from ._backend import triton_only, use_triton
+from ._backend import torch_path, triton_only, use_triton
 from ._kernel_log import record
 from .ops.attention.reference import attention_reference
 from .ops.attention.spec import MaskSpec, Varlen
@@ -48,17 +50,18 @@ def _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
     if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[0] != N or k_cache.shape[3] != E or H % k_cache.shape[1]:
         raise ValueError(f"{_API}: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
                          f" do not fit (same N; caches (N, H_kv, S_max, E) with H_kv dividing H)")  # fmt: skip
-    if not (q.dtype == k_cache.dtype == v_cache.dtype and q.device == k_cache.device == v_cache.device):
+    device = q.device
+    if not (q.dtype == k_cache.dtype == v_cache.dtype and device == k_cache.device == v_cache.device):
         raise ValueError(f"{_API}: q and the caches must share dtype and device")
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (N,):
         raise ValueError(f"{_API}: cache_seqlens must be an int32 tensor of shape ({N},); got {cache_seqlens!r:.60}")
-    if cache_seqlens.device != q.device:
+    if cache_seqlens.device != device:
         raise ValueError(f"{_API}: cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_API}: give k_new and v_new together")
     if k_new is not None:
         want_k, want_v = (N, k_cache.shape[1], L, E), (N, k_cache.shape[1], L, v_cache.shape[3])
-        if tuple(k_new.shape) != want_k or tuple(v_new.shape) != want_v:
+        if k_new.shape != want_k or v_new.shape != want_v:
             raise ValueError(f"{_API}: k_new / v_new must be {want_k} / {want_v}; got {tuple(k_new.shape)} / "
                              f"{tuple(v_new.shape)}")  # fmt: skip
 
@@ -130,8 +133,9 @@ def decode_attention(
     paged = block_table is not None
     if paged:
         _check_pages(q, k_cache, v_cache, block_table)
-    _check(q, *(_as_sequences(c, q.shape[0]) if paged else c for c in (k_cache, v_cache)), cache_seqlens, k_new,
-           v_new)  # fmt: skip
+        _check(q, _as_sequences(k_cache, q.shape[0]), _as_sequences(v_cache, q.shape[0]), cache_seqlens, k_new, v_new)
+    else:
+        _check(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     N, H, L, E = q.shape
     s_max = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     # The bounds (lengths, and the range of the table's pages in use) must hold before the cache is written.
@@ -143,9 +147,9 @@ def decode_attention(
     # error) and steer the PyTorch path below; under tracing or FakeTensorMode nothing is read.
     host_values = _host_readable(cache_seqlens)
     if check or host_values:
-        host = torch.cat([cache_seqlens, pages if paged else cache_seqlens[:0]]).tolist()
+        host = (torch.cat([cache_seqlens, pages]) if paged else cache_seqlens).tolist()
         filled = host[:N]
-        if any(n < 0 or n > limit for n in filled):
+        if N and (min(filled) < 0 or max(filled) > limit):
             raise ValueError(f"{_API}: cache_seqlens must be in [0, {limit}] (S_max {s_max}, {L} new); got {filled}")
         if paged and (host[N] < 0 or host[N + 1] >= k_cache.shape[0]):
             raise ValueError(f"{_API}: block_table entries of the pages in use must be in [0, {k_cache.shape[0]}); "
@@ -158,28 +162,28 @@ def decode_attention(
                                 f"{_API}: block_table entries of the pages in use must be in [0, "
                                 f"{k_cache.shape[0]})")  # fmt: skip
     q, k_new, v_new = _autocast(q, k_new, v_new)
-    if k_new is not None:
+    if k_new is not None and k_new.dtype != k_cache.dtype:
         k_new, v_new = k_new.to(k_cache.dtype), v_new.to(v_cache.dtype)
-    q = q.to(k_cache.dtype)
+    if q.dtype != k_cache.dtype:
+        q = q.to(k_cache.dtype)
     scale_f = _check_scale(_API, scale, E)
     alibi = None if alibi_slopes is None else _check_alibi(_API, alibi_slopes, q)
     cap = check_softcap(_API, softcap)
     sink = None if sinks is None else float32_params(check_sinks(_API, sinks, q))
-    t = torch.arange(L, device=q.device)
-    first = cache_seqlens.long() if k_new is not None else cache_seqlens.long() - L
-    positions = first[:, None] + t  # (N, L) position of each query
+    # One length for the whole batch (a model's decode step), read on the host: the new rows are one slice.
+    one = filled[0] if host_values and N and filled.count(filled[0]) == N else None
+    positions = None
+    if rotary is not None or (k_new is not None and (paged or one is None)):
+        first = cache_seqlens.long() if k_new is not None else cache_seqlens.long() - L
+        positions = first[:, None] + torch.arange(L, device=q.device)  # (N, L) position of each query
     if rotary is not None:
-        if k_new is not None:
-            q, k_new = apply_rotary(q, k_new, positions=positions, base=rotary.base, interleaved=rotary.interleaved,
-                                    rotary_dim=rotary.dim)  # fmt: skip
-        else:
-            q, _ = apply_rotary(q, q[:, :1], positions=positions, base=rotary.base, interleaved=rotary.interleaved,
-                                rotary_dim=rotary.dim)  # fmt: skip
-    with torch.no_grad():
-        if k_new is not None and not paged and host_values and len(set(filled)) == 1:
-            # One length for the whole batch (a model's decode step): the new rows are one slice.
-            k_cache[:, :, filled[0] : filled[0] + L] = k_new
-            v_cache[:, :, filled[0] : filled[0] + L] = v_new
+        turned = apply_rotary(q, q[:, :1] if k_new is None else k_new, positions=positions, base=rotary.base,
+                              interleaved=rotary.interleaved, rotary_dim=rotary.dim)  # fmt: skip
+        q, k_new = turned[0], (k_new if k_new is None else turned[1])
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():  # (entering costs a µs)
+        if k_new is not None and not paged and one is not None:
+            k_cache[:, :, one : one + L] = k_new
+            v_cache[:, :, one : one + L] = v_new
         elif k_new is not None:
             if paged:
                 page_size = k_cache.shape[2]
@@ -189,25 +193,30 @@ def decode_attention(
                 rows, slots = torch.arange(N, device=q.device)[:, None], positions
             k_cache[rows, :, slots] = k_new.permute(0, 2, 1, 3)
             v_cache[rows, :, slots] = v_new.permute(0, 2, 1, 3)
-        lengths = cache_seqlens + (L if k_new is not None else 0)
-        if use_triton(_API, q.device, triton_refusal(q, v_cache)):
+        if not torch_path(q.device) and use_triton(_API, q.device, triton_refusal(q, v_cache)):
             triton_only(_API)
+            lengths = cache_seqlens + new_rows
             return torch.ops.fastattn.decode_fwd(q, k_cache, v_cache, lengths, alibi, block_table, sink, scale_f,
                                                  num_splits, cap)  # fmt: skip
+        if one is not None and not paged and alibi is None and cap is None and sink is None and one + new_rows >= L:
+            # One length for the batch, read on the host, every query seeing a key: torch's SDPA on the filled
+            # rows, with no mask for one query, its causal rule for a first chunk, else one (L, rows) mask.
+            end = one + new_rows
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+            mask = None if L == 1 or end == L else torch.ones(L, end, dtype=torch.bool, device=q.device).tril(end - L)
+            record(_API, "scaled_dot_product_attention", "torch")
+            return _torch.scaled_dot_product_attention(q, k, v, mask, is_causal=L > 1 and end == L, scale=scale_f,
+                                                       enable_gqa=H != k.shape[1])  # fmt: skip
         longest = max(filled) + new_rows if host_values and N else None
-        # One new query per sequence and one length (a model's decode step): it sees every filled row.
-        unmasked = bool(host_values and N and L == 1 and len(set(filled)) == 1 and longest > 0)
-        return _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale_f, cap, sink, longest,
-                                 unmasked)  # fmt: skip
+        return _decode_reference(q, k_cache, v_cache, cache_seqlens + new_rows, alibi, block_table, scale_f, cap,
+                                 sink, longest)  # fmt: skip
 
 
-def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, scale, softcap, sinks, longest=None,
-                      unmasked=False):  # fmt: skip
+def _decode_reference(q, k_cache, v_cache, lengths, alibi, block_table, scale, softcap, sinks, longest=None):
     """The PyTorch path on the whole batch at once (no per-sequence loop): query t of sequence n, at position
-    first[n] + t, sees the keys j <= that position below lengths[n]. Without ALiBi, softcap or sinks it is
+    lengths[n] - L + t, sees the keys j <= that position below lengths[n]. Without ALiBi, softcap or sinks it is
     torch's own SDPA (its fused CPU kernel) with that mask, else the reference. ``longest`` (when the lengths
-    were read on the host) spares the cache rows past the longest sequence; else the mask covers them.
-    ``unmasked``: every query sees every one of those rows (no mask is built)."""
+    were read on the host) spares the cache rows past the longest sequence; else the mask covers them."""
     N, H, L, _ = q.shape
     rows = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
     if longest is not None:
@@ -217,16 +226,12 @@ def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, s
         table = block_table[:, :pages].long().clamp(0, k_cache.shape[0] - 1)
         k_cache, v_cache = (c[table].permute(0, 2, 1, 3, 4).flatten(2, 3) for c in (k_cache, v_cache))
     k_cache, v_cache = k_cache[:, :, :rows], v_cache[:, :, :rows]
-    if unmasked and alibi is None and softcap is None and sinks is None:
-        record("decode_attention", "scaled_dot_product_attention", "torch")
-        return _torch.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale,
-                                                   enable_gqa=q.shape[1] != k_cache.shape[1])  # fmt: skip
-    pos = first[:, None] + torch.arange(L, device=q.device)  # (N, L)
+    pos = (lengths.long() - L)[:, None] + torch.arange(L, device=q.device)  # (N, L)
     j = torch.arange(rows, device=q.device)
     keep = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < lengths[:, None, None].long())
     bias = keep[:, None]
     if alibi is None and softcap is None and sinks is None:
-        record("decode_attention", "scaled_dot_product_attention", "torch")
+        record(_API, "scaled_dot_product_attention", "torch")
         out = _torch.scaled_dot_product_attention(q, k_cache, v_cache, bias, scale=scale,
                                                   enable_gqa=q.shape[1] != k_cache.shape[1])  # fmt: skip
         return torch.where(bias.any(-1, keepdim=True), out, 0.0)  # a row that sees no key: 0, not NaN
@@ -234,7 +239,7 @@ def _decode_reference(q, k_cache, v_cache, lengths, first, alibi, block_table, s
         slopes = alibi.float().reshape(-1 if alibi.dim() == 2 else 1, H, 1, 1)
         dist = (pos[:, None, :, None] - j).abs().float()
         bias = torch.where(bias, -slopes * dist, float("-inf"))
-    record("decode_attention", "attention_reference", "torch")
+    record(_API, "attention_reference", "torch")
     out, _ = attention_reference(q, k_cache, v_cache, bias, scale, MaskSpec(), softcap=softcap, sinks=sinks)
     return out.to(q.dtype)
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._backend import warn_once
+from . import _torch
+from ._backend import torch_path, warn_once
+from ._kernel_log import record
 from .ops.norm.function import norm_forward
 
 Shape = Union[int, list, tuple, torch.Size]
@@ -29,6 +31,12 @@ def _shape(api: str, x: torch.Tensor, normalized_shape: Shape) -> tuple[int, ...
             f"{', '.join(map(str, shape))}], but got input of size {list(x.shape)}"
         )
     return shape
+
+
+def _plain_torch(x: torch.Tensor) -> bool:
+    """Whether torch's own op takes ``x`` as it is: the PyTorch path, no autocast (whose policy
+    ``norm_forward`` applies) and not nested."""
+    return torch_path(x.device) and not x.is_nested and not torch.is_autocast_enabled(x.device.type)
 
 
 def _nested(fn, x: torch.Tensor, *args) -> torch.Tensor:
@@ -68,6 +76,9 @@ def layer_norm(
     statistics, weight/bias of ``normalized_shape`` (fp32 with 16-bit input allowed)."""
     if isinstance(input, torch.Tensor) and input.is_nested:
         return _nested(layer_norm, input, normalized_shape, weight, bias, eps)
+    if isinstance(input, torch.Tensor) and _plain_torch(input):  # torch's op, checks and all
+        record("norm_fwd", "layer_norm", "torch")
+        return _torch.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _shape("layer_norm", input, normalized_shape)
     _check_param("layer_norm", "weight", weight, input, shape)
     _check_param("layer_norm", "bias", bias, input, shape)
@@ -80,6 +91,9 @@ def rms_norm(
     """:func:`torch.nn.functional.rms_norm` on the Triton kernel (``eps=None``: the input dtype's epsilon)."""
     if isinstance(input, torch.Tensor) and input.is_nested:
         return _nested(rms_norm, input, normalized_shape, weight, eps)
+    if isinstance(input, torch.Tensor) and _plain_torch(input):
+        record("norm_fwd", "rms_norm", "torch")
+        return _torch.rms_norm(input, normalized_shape, weight, eps)
     shape = _shape("rms_norm", input, normalized_shape)
     _check_param("rms_norm", "weight", weight, input, shape)
     return norm_forward("rms_norm", input, shape, weight, None, eps, is_rms=True)
@@ -136,6 +150,9 @@ class LayerNorm(nn.LayerNorm):
 
     @torch.jit.unused
     def _fastattn_forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _plain_torch(input):  # the checks are torch's (one call less per norm)
+            record("norm_fwd", "layer_norm", "torch")
+            return _torch.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -154,6 +171,9 @@ class RMSNorm(nn.RMSNorm):
 
     @torch.jit.unused
     def _fastattn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _plain_torch(x):
+            record("norm_fwd", "rms_norm", "torch")
+            return _torch.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def __prepare_scriptable__(self) -> nn.Module:

@@ -82,7 +82,7 @@ def apply_rotary(
         raise ValueError(f"{api}: rotary_dim must be an even int in [2, {E}], got {rotary_dim!r}")
     pos = _positions(api, positions, q)
     offset = _check_offset(api, offset)
-    return tuple(rotary_forward(t, pos, offset, float(base), bool(interleaved), int(rot)) for t in (q, k))
+    return rotary_forward(q, k, pos, offset, float(base), bool(interleaved), int(rot))
 
 
 class RotaryEmbedding(nn.Module):

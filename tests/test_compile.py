@@ -173,14 +173,15 @@ def test_custom_ops_pass_opcheck(name):
 
 def test_autocast_to_float32_keeps_the_parameters(monkeypatch):
     """Where the device's policy runs norms in float32 (CUDA), low-precision inputs go up to float32 and the
-    weight and bias come along; the CPU policy never asks for it, so the policy is forced here."""
+    weight and bias come along; the CPU policy never asks for it, so the policy is forced here (inside CPU
+    autocast: outside it, the PyTorch path hands the call to torch's op as it is)."""
     from fastattn.ops.norm import function as norm_function
 
     monkeypatch.setattr(norm_function, "_autocast_dtype", lambda x, shape, is_rms: torch.float32)
     x = randn(6, 32, dtype=torch.bfloat16)
     w, b = randn(32), randn(32)
     for backend in BACKENDS:
-        with fastattn.backend(backend):
+        with fastattn.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
             y = fastattn.layer_norm(x, (32,), w, b)
             r = fastattn.rms_norm(x, (32,), w.bfloat16())
         assert y.dtype == torch.float32 and r.dtype == torch.float32

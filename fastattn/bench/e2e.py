@@ -74,8 +74,8 @@ def _loss(net, inputs):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), inputs[-1].flatten())
 
 
-def measure(model: str, impl: str, net, inputs, new_tokens: int, reps: int, decode: bool) -> dict:
-    """Times of one implementation on one case (``net`` already on the device, in its dtype)."""
+def _jobs(model: str, net, inputs, new_tokens: int, decode: bool) -> dict:
+    """metric -> the function that one repetition of it runs, for one implementation's ``net``."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
     def train_step():
@@ -83,25 +83,76 @@ def measure(model: str, impl: str, net, inputs, new_tokens: int, reps: int, deco
         _loss(net, inputs).backward()
         opt.step()
 
-    row: dict = {}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    row["train_ms"] = round(_median_ms(train_step, reps), 3)
-    if torch.cuda.is_available():
-        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    tokens = inputs[0].numel()
-    row["train_tok_s"] = round(tokens / row["train_ms"] * 1e3)
-    with torch.no_grad():
-        row["prefill_tok_s"] = round(tokens / _median_ms(lambda: net(*inputs), reps) * 1e3)
+    def prefill():
+        with torch.no_grad():
+            net(*inputs)
+
+    jobs = {"train": train_step, "prefill": prefill}
     if decode:
         base = net._orig_mod if hasattr(net, "_orig_mod") else net
-        if model == "gpt":
-            gen = lambda: base.generate(inputs[0], new_tokens)  # noqa: E731
-        else:
-            gen = lambda: base.generate(inputs[0], new_tokens, bos_id=1)  # noqa: E731
-        ms = _median_ms(gen, max(1, reps // 2), warmup=1)
-        row["decode_tok_s"] = round(inputs[0].shape[0] * new_tokens / ms * 1e3)
-    return row
+        extra = {} if model == "gpt" else {"bos_id": 1}
+        jobs["decode"] = lambda: base.generate(inputs[0], new_tokens, **extra)
+    return jobs
+
+
+def _interleaved_ms(runs: dict, reps: int, warmup: int) -> dict:
+    """name -> median ms of ``runs[name] = (backend, fn)``, the repetitions of the implementations taken in
+    turn (one each, then again), so that a drift of the machine's speed weighs on all of them alike."""
+    for backend, fn in runs.values():
+        with fastattn.backend(backend):
+            for _ in range(warmup):
+                fn()
+    _sync()
+    times: dict = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, (backend, fn) in runs.items():
+            with fastattn.backend(backend):
+                t0 = time.perf_counter()
+                fn()
+                _sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def measure_case(model: str, nets: dict, inputs, new_tokens: int, reps: int) -> dict:
+    """name -> row of times for the implementations ``nets[name] = (backend, net, decode)`` on one case. An
+    implementation that fails gets an ``error`` instead and the others go on."""
+    rows: dict = {name: {} for name in nets}
+    jobs: dict = {}
+    for name, (backend, net, decode) in nets.items():
+        try:
+            jobs[name] = _jobs(model, net, inputs, new_tokens, decode)
+            if torch.cuda.is_available():  # peak memory of one training step, each implementation alone
+                torch.cuda.reset_peak_memory_stats()
+                with fastattn.backend(backend):
+                    jobs[name]["train"]()
+                rows[name]["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        except Exception as exc:  # one implementation failing must not lose the others' rows
+            rows[name]["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+    tokens = inputs[0].numel()
+    decode_reps = reps if not torch.cuda.is_available() else max(1, reps // 2)
+    for metric, n, warmup in (("train", reps, 2), ("prefill", reps, 2), ("decode", decode_reps, 1)):
+        runs = {
+            name: (nets[name][0], j[metric]) for name, j in jobs.items() if metric in j and "error" not in rows[name]
+        }
+        try:
+            ms = _interleaved_ms(runs, n, warmup)
+        except Exception:  # time them one by one, to find which failed
+            ms = {}
+            for name, run in runs.items():
+                try:
+                    ms.update(_interleaved_ms({name: run}, n, warmup))
+                except Exception as exc:
+                    rows[name]["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        for name, t in ms.items():
+            if metric == "train":
+                rows[name]["train_ms"] = round(t, 3)
+                rows[name]["train_tok_s"] = round(tokens / t * 1e3)
+            elif metric == "prefill":
+                rows[name]["prefill_tok_s"] = round(tokens / t * 1e3)
+            else:
+                rows[name]["decode_tok_s"] = round(inputs[0].shape[0] * new_tokens / t * 1e3)
+    return rows
 
 
 def cases(quick: bool) -> tuple[Size, list[tuple[int, int]], int, int]:
@@ -110,9 +161,11 @@ def cases(quick: bool) -> tuple[Size, list[tuple[int, int]], int, int]:
         if quick:
             return GPU_SIZE, [(1024, 8), (4096, 2)], 32, 5
         return GPU_SIZE, [(512, 32), (1024, 16), (2048, 8), (4096, 4), (8192, 2)], 64, 10
+    # Each CPU case takes milliseconds and a 2-core machine's timings drift by several percent from one
+    # moment to the next: medians of 9 repetitions keep the ratios to torch within about 2 %.
     if quick:
-        return CPU_SIZE, [(64, 4), (128, 4)], 8, 3
-    return CPU_SIZE, [(64, 8), (128, 8), (256, 4)], 16, 5
+        return CPU_SIZE, [(64, 4), (128, 4)], 8, 9
+    return CPU_SIZE, [(64, 8), (128, 8), (256, 4)], 16, 9
 
 
 def implementations(compile_torch: bool) -> dict[str, tuple[str, str | None]]:
@@ -140,20 +193,21 @@ def run(quick: bool = False, models=("gpt", "transformer"), compile_torch: bool 
         weights = build(model, size, "torch", max_len).state_dict()
         for seqlen, batch in shapes:
             inputs = _inputs(model, batch, seqlen, size.vocab, device)
+            nets = {}
             for name, (impl, backend) in impls.items():
                 net = build(model, size, impl, max_len)
                 net.load_state_dict(weights)
                 net = net.to(device=device, dtype=dtype)
                 if backend == "compile":
                     net = torch.compile(copy.deepcopy(net))
+                # torch.compile has no decode row (generate() steps out of the compiled forward).
+                nets[name] = ("auto" if backend in (None, "compile") else backend, net, backend != "compile")
+            measured = measure_case(model, nets, inputs, new_tokens, reps)
+            for name in impls:
                 row = dict(model=model, impl=name, seqlen=seqlen, batch=batch, dtype=str(dtype).split(".")[-1])
-                try:
-                    with fastattn.backend(backend if backend not in (None, "compile") else "auto"):
-                        row.update(measure(model, impl, net, inputs, new_tokens, reps, decode=backend != "compile"))
-                except Exception as exc:  # one implementation failing must not lose the others' rows
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                row.update(measured[name])
                 rows.append(row)
                 if progress is not None:
                     progress.step(f"e2e {model} L={seqlen} {name}")
-                del net
+            del nets
     return rows

@@ -17,6 +17,9 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
         self.length = 0
+        # The same length on the device, per sequence, as decode_attention takes it; advanced in place, so a
+        # captured decode step (CUDA graphs) reads the current value at every replay.
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -28,3 +31,4 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.lengths += n

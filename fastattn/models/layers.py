@@ -85,10 +85,9 @@ class Attention(nn.Module):
     def decode(self, q, k_new, v_new, cache, layer: int) -> torch.Tensor:
         """A cached step on fastattn's decode kernel: the new keys/values go into the cache at its current
         length and the queries attend causally to everything cached; returns (N, L, d_model)."""
-        lengths = torch.full((q.shape[0],), cache.length, dtype=torch.int32, device=q.device)
         if cache.length + q.shape[2] > cache.capacity:
             raise ValueError(f"KVCache: {cache.length + q.shape[2]} positions exceed the capacity {cache.capacity}")
-        out = fastattn.decode_attention(q, cache.k[layer], cache.v[layer], lengths, k_new=k_new, v_new=v_new)
+        out = fastattn.decode_attention(q, cache.k[layer], cache.v[layer], cache.lengths, k_new=k_new, v_new=v_new)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

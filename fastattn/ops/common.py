@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,6 +43,4 @@ def rows2d(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
 def host_readable(t: torch.Tensor) -> bool:
     """Whether ``t``'s values can be read on the host for free: a CPU tensor (no device to wait for), outside
     tracing and FakeTensorMode (where a read is a graph break, or impossible)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return t.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor)

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import no_gluon_kernel, use_cuda, use_triton
+from ..._backend import no_gluon_kernel, torch_path, use_cuda, use_triton
 from ..._kernel_log import record
 from ..common import SUPPORTED_DTYPES
-from .reference import rotary_reference, rotary_tables, rotate_pairs, sinusoidal_table
+from .reference import (
+    rotary_full_tables,
+    rotary_reference,
+    rotary_tables,
+    rotate_full,
+    rotate_pairs,
+    sinusoidal_cached,
+    sinusoidal_table,
+)  # fmt: skip
 
 
 def _refusal(x: torch.Tensor) -> str | None:
@@ -74,27 +82,39 @@ rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 def sinusoidal_forward(x: torch.Tensor, offset: int, scale: float, base: float) -> torch.Tensor:
-    if use_cuda("sinusoidal_encoding", x.device, lambda: _refusal(x)):
-        return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "cuda")
-    if use_triton("sinusoidal_encoding", x.device, _refusal(x)):
-        no_gluon_kernel("sinusoidal_encoding")
-        return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "triton")
+    if not torch_path(x.device):
+        if use_cuda("sinusoidal_encoding", x.device, lambda: _refusal(x)):
+            return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "cuda")
+        if use_triton("sinusoidal_encoding", x.device, _refusal(x)):
+            no_gluon_kernel("sinusoidal_encoding")
+            return torch.ops.fastattn.sinusoidal(x, offset, scale, base, "triton")
     record("sinusoidal_encoding", "sinusoidal_table", "torch")
-    pos = torch.arange(offset, offset + x.shape[-2], device=x.device)
-    return (x * scale + sinusoidal_table(pos, x.shape[-1], base).to(torch.float32)).to(x.dtype)
+    L = x.shape[-2]
+    if base == 10000.0:  # the cached float32 table (the public op's base)
+        table = sinusoidal_cached(x.shape[-1], base, x.device, offset + L)[offset : offset + L]
+    else:
+        table = sinusoidal_table(torch.arange(offset, offset + L, device=x.device), x.shape[-1], base).float()
+    return torch.add(table, x, alpha=scale).to(x.dtype)
 
 
-def rotary_forward(x, pos, offset, base, interleaved, rot) -> torch.Tensor:
-    if use_cuda("apply_rotary", x.device, lambda: _refusal(x)):
-        return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "cuda")
-    if use_triton("apply_rotary", x.device, _refusal(x)):
-        no_gluon_kernel("apply_rotary")
-        return torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "triton")
+def rotary_forward(q, k, pos, offset, base, interleaved, rot) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k turned (each by the CUDA or Triton kernel, or PyTorch with the tables looked up once)."""
+    if not torch_path(q.device):
+        if use_cuda("apply_rotary", q.device, lambda: _refusal(q) or _refusal(k)):
+            return tuple(torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "cuda") for x in (q, k))
+        if use_triton("apply_rotary", q.device, _refusal(q) or _refusal(k)):
+            no_gluon_kernel("apply_rotary")
+            return tuple(
+                torch.ops.fastattn.rotary(x, pos, offset, base, interleaved, rot, 1.0, "triton") for x in (q, k)
+            )
     record("apply_rotary", "rotary_reference", "torch")
-    if pos is None and offset >= 0:  # positions offset.. from the cached tables: the same values, fewer ops
-        cos, sin = rotary_tables(rot, base, x.device, offset + x.shape[-2])
-        L = x.shape[-2]
-        return rotate_pairs(x, cos[offset : offset + L], sin[offset : offset + L], interleaved, rot)
-    if pos is None:
-        pos = torch.arange(offset, offset + x.shape[-2], device=x.device)[None]
-    return rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32)
+    L = q.shape[-2]
+    if pos is None and rot == q.shape[-1]:  # every column turns: the full-width tables, two products
+        cos, sin = rotary_full_tables(rot, base, q.device, offset + L, interleaved)
+        cos, sin = cos[offset : offset + L], sin[offset : offset + L]
+        return rotate_full(q, cos, sin, interleaved), rotate_full(k, cos, sin, interleaved)
+    if pos is None:  # positions offset.. from the cached tables: the same values, fewer ops
+        cos, sin = rotary_tables(rot, base, q.device, offset + L)
+        cos, sin = cos[offset : offset + L], sin[offset : offset + L]
+        return tuple(rotate_pairs(x, cos, sin, interleaved, rot) for x in (q, k))
+    return tuple(rotary_reference(x, pos, base, interleaved, rot, compute_dtype=torch.float32) for x in (q, k))

@@ -39,17 +39,55 @@ _TABLES: dict = {}
 
 def rotary_tables(rot: int, base: float, device, end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos and sin ``(>= end, rot/2)`` of the angles at positions 0.. (formed in float64, as
-    :func:`rotary_reference`), cached per (rot, base, device) and grown by doubling; none kept from tracing or
-    FakeTensorMode (see :func:`inv_freq`)."""
-    key = (rot, float(base), str(device))
+    :func:`rotary_reference`), cached per (rot, base, device) and grown by doubling."""
+
+    def make(size):
+        a = _angles(torch.arange(size, device=device), rot // 2, rot, base)
+        return a.cos().float(), a.sin().float()
+
+    return _cached((rot, float(base), device), end, make)
+
+
+def _cached(key, end: int, make) -> tuple[torch.Tensor, ...]:
+    """Tables of positions 0.. grown by doubling (at least ``end`` rows) and cached under ``key``; none kept
+    from tracing or FakeTensorMode (see :func:`inv_freq`)."""
     tables = _TABLES.get(key)
     if tables is None or tables[0].shape[0] < end:
-        size = max(256, 1 << max(end - 1, 1).bit_length())
-        a = _angles(torch.arange(size, device=device), rot // 2, rot, base)
-        tables = (a.cos().float(), a.sin().float())
-        if not isinstance(a, FakeTensor) and not torch.compiler.is_compiling() and len(_TABLES) < 16:
+        tables = make(max(256, 1 << max(end - 1, 1).bit_length()))
+        if not isinstance(tables[0], FakeTensor) and not torch.compiler.is_compiling() and len(_TABLES) < 32:
             _TABLES[key] = tables
     return tables
+
+
+def rotary_full_tables(rot: int, base: float, device, end: int, interleaved: bool):
+    """float32 ``(cos, signed sin)`` ``(>= end, rot)`` laid out as the pairs are: ``x * cos + swap(x) * sin``
+    turns every pair (swap exchanges the two members of each pair); the PyTorch path's form, two products."""
+
+    def make(size):
+        cos, sin = rotary_tables(rot, base, device, size)
+        cos, sin = cos[:size], sin[:size]
+        if interleaved:
+            return cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+        return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+
+    return _cached(("full", rot, float(base), device, interleaved), end, make)
+
+
+def rotate_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (N, H, L, E) turned over all E columns by :func:`rotary_full_tables` rows (L, E), in float32."""
+    xf = x.float()
+    if interleaved:
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        swapped = torch.cat([xf[..., half:], xf[..., :half]], -1)
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+
+
+def sinusoidal_cached(d: int, base: float, device, end: int) -> torch.Tensor:
+    """float32 :func:`sinusoidal_table` of positions 0.. (>= end rows), cached: the PyTorch path's table."""
+    make = lambda size: (sinusoidal_table(torch.arange(size, device=device), d, base).float(),)  # noqa: E731
+    return _cached(("sinusoidal", d, float(base), device), end, make)[0]
 
 
 def rotate_pairs(x, cos, sin, interleaved: bool, rot: int, compute_dtype=torch.float32) -> torch.Tensor:
